@@ -1,0 +1,1 @@
+"""Prefect flows: the timeline flow and its deployment entrypoints."""

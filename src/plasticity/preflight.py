@@ -1,0 +1,55 @@
+"""Cheap checks of a config against the world, before any expensive work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from plasticity.config import RunConfig
+
+KNOWN_LAYERS = {"tiny-gpt2": 4, "tiny-biogpt": 4, "tiny-llama": 4, "smollm2-135m": 30}
+
+
+def model_n_layers(source: str) -> int | None:
+    """Number of decoder blocks, when it can be told without loading weights."""
+    if source in KNOWN_LAYERS:
+        return KNOWN_LAYERS[source]
+    cfg_file = Path(source).expanduser() / "config.json"
+    if cfg_file.is_file():
+        data = json.loads(cfg_file.read_text())
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    return None
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """Errors that would stop the run later: missing data files, layers out of range."""
+    from plasticity.data.concepts import resolve_dataset
+    from plasticity.data.corpus import SHIPPED_CORPORA
+
+    errors: list[str] = []
+    if cfg.data.corpus not in SHIPPED_CORPORA and not Path(cfg.data.corpus).expanduser().is_file():
+        errors.append(
+            f"data.corpus: {cfg.data.corpus!r} is neither a shipped corpus "
+            f"({', '.join(sorted(SHIPPED_CORPORA))}) nor a file"
+        )
+    try:
+        resolve_dataset(cfg.concept.dataset)
+    except FileNotFoundError as exc:
+        errors.append(f"concept.dataset: {exc}")
+    n_layers = model_n_layers(cfg.model.source)
+    if n_layers is not None:
+        for name, layers in (("concept.layers", cfg.concept.layers), ("plasticity.layers", cfg.plasticity.layers)):
+            bad = [x for x in (layers or []) if x >= n_layers]
+            if bad:
+                errors.append(f"{name}: layers {bad} are outside the model's 0..{n_layers - 1}")
+        if cfg.concept.layers is not None:
+            steered = cfg.plasticity.layers or [n_layers // 2]
+            missing = [x for x in steered if x not in cfg.concept.layers]
+            if missing:
+                errors.append(
+                    f"plasticity.layers: layers {missing} are steered but not extracted "
+                    "(add them to concept.layers)"
+                )
+    return errors

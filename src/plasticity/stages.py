@@ -1,0 +1,442 @@
+"""The stages of a timeline as plain functions: config and URIs in, shards out.
+
+Each stage writes its own Parquet shards under deterministic names and returns their
+paths in a small dataclass; the orchestrator records them in the manifest. Nothing here
+knows about Prefect or Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import posixpath
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from plasticity.config import RunConfig
+from plasticity.models.loading import LoadedModel, load_model
+from plasticity.storage.fs import Storage
+from plasticity.storage.shards import read_table, write_shard
+from plasticity.train.checkpoint import CheckpointRef, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: the shards it wrote and a small summary."""
+
+    shards: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def vectors_path(storage: Storage, run_id: str, step: int, concept: str) -> str:
+    return storage.path("runs", run_id, "vectors", f"step={step:06d}", f"{concept}.safetensors")
+
+
+# -- finetune ---------------------------------------------------------------------------
+
+
+def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], StageResult]:
+    """Fine-tune the configured model; write checkpoints and train metrics."""
+    from plasticity.data.corpus import load_corpus
+    from plasticity.train.loop import build_optimizer, finetune, optimizer_state_bytes, pack_corpus
+
+    storage = Storage.from_config(cfg.storage)
+    lm = load_model(cfg.model)
+    dev = device()
+    lm.model.to(dev)
+    docs = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
+    blocks = pack_corpus(docs, lm.tokenizer, cfg.data.block_size)
+    log.info(
+        "fine-tuning %s on %d blocks of %d tokens for %d steps (%s)",
+        cfg.model.source, len(blocks), cfg.data.block_size, cfg.train.max_steps, dev,
+    )
+    optimizer = build_optimizer(lm.model, cfg.train)
+    result = StageResult()
+    refs: list[CheckpointRef] = []
+    pending: list[dict[str, Any]] = []
+    config_dict = cfg.to_dict()
+
+    def flush(upto: int) -> None:
+        if not pending:
+            return
+        cols = {k: [r[k] for r in pending] for k in pending[0]}
+        name = f"part-{pending[0]['step']:06d}-{upto:06d}"
+        result.shards.append(write_shard(storage, "train_metrics", {"run_id": run_id}, name, cols))
+        pending.clear()
+
+    def on_record(rec) -> None:
+        pending.append(
+            {
+                "step": rec.step, "epoch": rec.epoch, "loss": rec.loss, "lr": rec.lr,
+                "grad_norm": rec.grad_norm, "tokens_seen": rec.tokens_seen,
+                "step_time_s": rec.step_time_s, "optimizer": cfg.train.optimizer,
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer), "wall_time": _now(),
+            }
+        )
+        log.info(
+            "step %d/%d loss %.4f lr %.2e", rec.step, cfg.train.max_steps, rec.loss, rec.lr
+        )
+
+    def on_snapshot(step: int) -> None:
+        flush(step)
+        ref = save_checkpoint(storage, run_id, step, lm.model, lm.tokenizer, optimizer, config_dict)
+        refs.append(ref)
+        row = {
+            "step": [ref.step], "uri": [storage.full_uri(ref.path)], "sha256": [ref.sha256],
+            "n_params": [ref.n_params], "bytes": [ref.bytes],
+            "created_at": [dt.datetime.fromisoformat(ref.created_at)],
+        }
+        result.shards.append(
+            write_shard(storage, "checkpoints", {"run_id": run_id}, f"step={step:06d}", row)
+        )
+
+    finetune(lm.model, blocks, cfg.train, optimizer, on_record, on_snapshot, dev)
+    flush(cfg.train.max_steps)
+    result.summary = {"checkpoints": [r.step for r in refs]}
+    return refs, result
+
+
+# -- extract ----------------------------------------------------------------------------
+
+
+def _layers(spec: list[int] | None, n_layers: int, field_name: str) -> list[int]:
+    layers = list(range(n_layers)) if spec is None else list(spec)
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"{field_name}: layers {bad} are outside the model's 0..{n_layers - 1}")
+    return layers
+
+
+def plasticity_layers(cfg: RunConfig, n_layers: int) -> list[int]:
+    if cfg.plasticity.layers is None:
+        return [n_layers // 2]
+    return _layers(cfg.plasticity.layers, n_layers, "plasticity.layers")
+
+
+@torch.no_grad()
+def collect_last_token(
+    lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Hidden state of the last token of each prompt at each layer's block output."""
+    from plasticity.steering.forward import batches, encode_left_padded, forward
+    from plasticity.steering.hooks import capture, hook_name
+
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    token_index: list[torch.Tensor] = []
+    with capture(lm, layers) as store:
+        for _, chunk in batches(prompts, batch_size):
+            enc = encode_left_padded(lm, chunk)
+            forward(lm, enc)
+            token_index.append(enc["attention_mask"].sum(-1).cpu() - 1)
+            for layer in layers:
+                out[layer].append(store[hook_name(layer)][:, -1].float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(token_index)
+
+
+def extract_stage(
+    cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None
+) -> StageResult:
+    """Honesty contrast activations -> a mean-difference direction per layer."""
+    from safetensors.torch import save as save_safetensors
+
+    from plasticity.data.concepts import load_statements
+    from plasticity.steering.prompts import contrast_pairs
+    from plasticity.steering.readers import detection_accuracy, explained_variance, mean_difference
+
+    storage = Storage.from_config(cfg.storage)
+    lm = lm or load_checkpoint(storage, ckpt.path, cfg.model)
+    c = cfg.concept
+    layers = _layers(c.layers, lm.n_layers, "concept.layers")
+    pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
+    if len(pairs) <= c.n_train:
+        raise ValueError(
+            f"concept.n_train={c.n_train} leaves no test pairs: only {len(pairs)} pairs were built"
+        )
+    prompts = [p for pair in pairs for p in pair.prompts]
+    labels = torch.tensor([lab for pair in pairs for lab in pair.labels])
+    acts, token_index = collect_last_token(lm, prompts, layers, c.batch_size)
+    n_pairs = len(pairs)
+    pair_ids = torch.arange(n_pairs).repeat_interleave(2)
+    split = ["train" if p < c.n_train else "test" for p in pair_ids.tolist()]
+    # Positive and negative member of each pair, whatever their presentation order.
+    pos_idx = torch.arange(2 * n_pairs)[labels == 1]
+    neg_idx = torch.arange(2 * n_pairs)[labels == 0]
+    result = StageResult()
+    part = {"run_id": run_id, "checkpoint_step": ckpt.step}
+    rows: dict[str, list] = {k: [] for k in (
+        "concept", "layer", "method", "sign", "explained_variance", "detection_accuracy",
+        "residual_norm", "vector",
+    )}
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        h = acts[layer]
+        result.shards.append(
+            write_shard(
+                storage, "activations", {**part, "layer": layer}, c.name,
+                {
+                    "concept": [c.name] * len(prompts), "split": split,
+                    "example_id": list(range(len(prompts))), "pair_id": pair_ids.tolist(),
+                    "label": labels.tolist(), "token_index": token_index.tolist(),
+                    "hidden": h.half().numpy().tolist(),
+                },
+                d_model=lm.d_model,
+            )
+        )
+        pos, neg = h[pos_idx], h[neg_idx]
+        tr, te = slice(0, c.n_train), slice(c.n_train, n_pairs)
+        direction = mean_difference(pos[tr], neg[tr])
+        # Sign by vote: the positive member should project higher in most training pairs.
+        sign = 1 if detection_accuracy(direction, pos[tr], neg[tr]) >= 0.5 else -1
+        direction = direction * sign
+        residual_norm = float(h.norm(dim=-1).mean())
+        rows["concept"].append(c.name)
+        rows["layer"].append(layer)
+        rows["method"].append(c.method)
+        rows["sign"].append(sign)
+        rows["explained_variance"].append(explained_variance(direction, pos[tr], neg[tr]))
+        rows["detection_accuracy"].append(detection_accuracy(direction, pos[te], neg[te]))
+        rows["residual_norm"].append(residual_norm)
+        rows["vector"].append(direction.numpy().tolist())
+        tensors[f"{c.method}.{layer}"] = direction.contiguous()
+        tensors[f"residual_norm.{layer}"] = torch.tensor([residual_norm])
+    result.shards.append(write_shard(storage, "directions", part, c.name, rows, d_model=lm.d_model))
+    meta = {
+        "run_id": run_id, "checkpoint_step": str(ckpt.step), "checkpoint_sha256": ckpt.sha256,
+        "concept": c.name, "method": c.method, "layers": json.dumps(layers),
+        "n_train": str(c.n_train), "n_pairs": str(n_pairs),
+        "user_tag": cfg.model.user_tag, "assistant_tag": cfg.model.assistant_tag,
+        "template": c.template,
+    }
+    storage.write_bytes(
+        vectors_path(storage, run_id, ckpt.step, c.name), save_safetensors(tensors, metadata=meta)
+    )
+    result.summary = {
+        "step": ckpt.step,
+        "detection_accuracy": dict(zip(rows["layer"], rows["detection_accuracy"], strict=True)),
+    }
+    log.info("extract step %d: %d pairs, %d layers", ckpt.step, n_pairs, len(layers))
+    return result
+
+
+def load_vectors(storage: Storage, run_id: str, step: int, concept: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_safetensors
+
+    path = vectors_path(storage, run_id, step, concept)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no {concept} vectors for step {step} at {storage.full_uri(path)}")
+    return load_safetensors(storage.read_bytes(path))
+
+
+# -- plasticity -------------------------------------------------------------------------
+
+
+def _eval_items(cfg: RunConfig, train_statements: set[int]):
+    from plasticity.data.concepts import load_statements
+
+    statements = load_statements(cfg.concept.dataset)
+    # Prefer statements that did not feed the training pairs of the direction.
+    pool = [s for i, s in enumerate(statements) if i not in train_statements] or statements
+    rng = random.Random(cfg.plasticity.seed)
+    rng.shuffle(pool)
+    return pool[: cfg.plasticity.n_items]
+
+
+def plasticity_stage(
+    cfg: RunConfig,
+    run_id: str,
+    target: CheckpointRef,
+    sources: list[CheckpointRef],
+    lm: LoadedModel | None = None,
+) -> StageResult:
+    """Steer target model j with every source i's direction over the alpha sweep."""
+    from plasticity.steering.evaluate import bootstrap_ci, facts_logit_gap
+    from plasticity.steering.hooks import steer
+    from plasticity.steering.prompts import contrast_pairs
+    from plasticity.data.concepts import load_statements
+
+    storage = Storage.from_config(cfg.storage)
+    lm = lm or load_checkpoint(storage, target.path, cfg.model)
+    p, c = cfg.plasticity, cfg.concept
+    layers = plasticity_layers(cfg, lm.n_layers)
+    pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
+    train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
+    items = _eval_items(cfg, train_statements)
+    target_vecs = load_vectors(storage, run_id, target.step, c.name)
+    norms = {}
+    for layer in layers:
+        key = f"residual_norm.{layer}"
+        if key not in target_vecs:
+            raise ValueError(
+                f"plasticity.layers: layer {layer} was not extracted (set concept.layers to include it)"
+            )
+        norms[layer] = float(target_vecs[key])
+    baseline = facts_logit_gap(lm, items, p.batch_size)
+    result = StageResult()
+    layers_label = ",".join(str(x) for x in layers)
+    for src in sources:
+        vecs = load_vectors(storage, run_id, src.step, c.name)
+        rows: dict[str, list] = {k: [] for k in (
+            "target_step", "concept", "layers", "operator", "alpha", "alpha_rel", "metric",
+            "value", "baseline", "delta", "n", "ci_low", "ci_high",
+        )}
+        for alpha in p.alphas:
+            scale = {layer: (alpha * norms[layer] if p.alpha_scale == "relative" else alpha) for layer in layers}
+            if alpha == 0:
+                values = baseline
+            else:
+                with steer(lm, {layer: scale[layer] * vecs[f"{c.method}.{layer}"] for layer in layers}):
+                    values = facts_logit_gap(lm, items, p.batch_size)
+            delta = values - baseline
+            lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
+            abs_alpha = sum(scale.values()) / len(scale)
+            rel_alpha = alpha if p.alpha_scale == "relative" else alpha / (sum(norms.values()) / len(norms))
+            for k, v in (
+                ("target_step", target.step), ("concept", c.name), ("layers", layers_label),
+                ("operator", p.operator), ("alpha", abs_alpha), ("alpha_rel", rel_alpha),
+                ("metric", p.metric), ("value", float(values.mean())),
+                ("baseline", float(baseline.mean())), ("delta", float(delta.mean())),
+                ("n", len(items)), ("ci_low", lo), ("ci_high", hi),
+            ):
+                rows[k].append(v)
+        result.shards.append(
+            write_shard(
+                storage, "plasticity", {"run_id": run_id, "source_step": src.step},
+                f"target={target.step:06d}-{c.name}", rows,
+            )
+        )
+    log.info("plasticity target %d: %d sources x %d alphas", target.step, len(sources), len(p.alphas))
+    return result
+
+
+# -- vocab ------------------------------------------------------------------------------
+
+
+def vocab_stage(
+    cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None
+) -> StageResult:
+    """Top-k and bottom-k tokens of each direction through the checkpoint's unembedding."""
+    from plasticity.vocab.project import topk_tokens
+
+    storage = Storage.from_config(cfg.storage)
+    lm = lm or load_checkpoint(storage, ckpt.path, cfg.model)
+    c = cfg.concept
+    vecs = load_vectors(storage, run_id, ckpt.step, c.name)
+    unembed = lm.adapter.unembedding_matrix(lm.model).detach()
+    rows: dict[str, list] = {k: [] for k in (
+        "object", "variant", "layer", "head", "index", "sign", "rank", "token_id", "token", "score",
+    )}
+    for key in sorted(k for k in vecs if k.startswith(f"{c.method}.")):
+        layer = int(key.split(".")[1])
+        for ts in topk_tokens(unembed, vecs[key], cfg.vocab.top_k):
+            for k, v in (
+                ("object", "direction"), ("variant", "raw"), ("layer", layer), ("head", None),
+                ("index", 0), ("sign", ts.sign), ("rank", ts.rank), ("token_id", ts.token_id),
+                ("token", lm.tokenizer.decode([ts.token_id])), ("score", ts.score),
+            ):
+                rows[k].append(v)
+    path = write_shard(
+        storage, "vocab_topk", {"run_id": run_id, "checkpoint_step": ckpt.step},
+        f"{c.name}-direction", rows,
+    )
+    return StageResult(shards=[path])
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def plasticity_matrix(table) -> tuple[list[int], list[int], torch.Tensor]:
+    """Least-squares slope of delta against alpha_rel for every (source, target)."""
+    df = table.select(["source_step", "target_step", "alpha_rel", "delta"]).to_pylist()
+    sources = sorted({r["source_step"] for r in df})
+    targets = sorted({r["target_step"] for r in df})
+    m = torch.full((len(sources), len(targets)), float("nan"), dtype=torch.float64)
+    for i, s in enumerate(sources):
+        for j, t in enumerate(targets):
+            pts = [(r["alpha_rel"], r["delta"]) for r in df if r["source_step"] == s and r["target_step"] == t]
+            if len(pts) < 2:
+                continue
+            x = torch.tensor([a for a, _ in pts], dtype=torch.float64)
+            y = torch.tensor([d for _, d in pts], dtype=torch.float64)
+            xc = x - x.mean()
+            denom = float((xc**2).sum())
+            if denom > 0:
+                m[i, j] = float((xc * (y - y.mean())).sum()) / denom
+    return sources, targets, m
+
+
+def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -> StageResult:
+    """Plasticity matrix (CSV, PNG heatmap) and a Markdown summary in the run folder."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storage = Storage.from_config(cfg.storage)
+    table = read_table(storage, "plasticity", run_ids=[run_id], paths=shards)
+    sources, targets, m = plasticity_matrix(table)
+    out_dir = storage.path("runs", run_id, "report")
+    csv = "source_step," + ",".join(f"target_{t}" for t in targets) + "\n"
+    for i, s in enumerate(sources):
+        csv += f"{s}," + ",".join(f"{float(v):.6g}" for v in m[i]) + "\n"
+    storage.write_bytes(posixpath.join(out_dir, "plasticity_matrix.csv"), csv.encode())
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(targets), 1.0 + 0.8 * len(sources)))
+    lim = float(torch.nan_to_num(m).abs().max()) or 1.0
+    im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(targets)), [str(t) for t in targets])
+    ax.set_yticks(range(len(sources)), [str(s) for s in sources])
+    ax.set_xlabel("target checkpoint step (model steered)")
+    ax.set_ylabel("source checkpoint step (direction)")
+    ax.set_title(f"{cfg.concept.name}: d({cfg.plasticity.metric}) / d(alpha_rel)")
+    for i in range(len(sources)):
+        for j in range(len(targets)):
+            ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    png = posixpath.join(out_dir, "plasticity_matrix.png")
+    storage.write_bytes(png, buf.getvalue())
+
+    header = "| source \\ target | " + " | ".join(str(t) for t in targets) + " |"
+    lines = [
+        f"# Run {run_id}: plasticity matrix",
+        "",
+        f"Slope of the change in `{cfg.plasticity.metric}` per unit `alpha_rel` when the "
+        f"`{cfg.concept.name}` direction of a source checkpoint steers a target checkpoint "
+        f"(layers {table.column('layers')[0].as_py()}, operator `{cfg.plasticity.operator}`).",
+        "",
+        header,
+        "|" + "---|" * (len(targets) + 1),
+    ]
+    for i, s in enumerate(sources):
+        lines.append(f"| {s} | " + " | ".join(f"{float(v):.3g}" for v in m[i]) + " |")
+    markdown = "\n".join(lines) + "\n"
+    storage.write_bytes(posixpath.join(out_dir, "summary.md"), markdown.encode())
+    return StageResult(
+        shards=[],
+        summary={
+            "markdown": markdown,
+            "png": storage.full_uri(png),
+            "matrix": m.tolist(),
+            "sources": sources,
+            "targets": targets,
+        },
+    )

@@ -1,0 +1,117 @@
+"""Parquet table schemas, version 1 (see README's table list).
+
+Partition columns (`run_id`, `checkpoint_step`, …) live in the Hive path, not in the
+files; readers get them back through Hive partitioning with the types given here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+D_MODEL = "__d_model__"  # placeholder width of vector columns, fixed at write time
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    partitions: tuple[tuple[str, pa.DataType], ...]
+    columns: tuple[tuple[str, object], ...]
+
+    def schema(self, d_model: int | None = None) -> pa.Schema:
+        fields = []
+        for name, tp in self.columns:
+            if tp is D_MODEL or (isinstance(tp, tuple) and tp[1] is D_MODEL):
+                if d_model is None:
+                    raise ValueError(f"table {self.name}: column {name} needs d_model")
+                value_type = tp[0] if isinstance(tp, tuple) else pa.float32()
+                tp = pa.list_(value_type, d_model)
+            fields.append(pa.field(name, tp))
+        fields.append(pa.field("schema_version", pa.int32()))
+        return pa.schema(fields)
+
+    def partition_schema(self) -> pa.Schema:
+        return pa.schema([pa.field(n, t) for n, t in self.partitions])
+
+    @property
+    def column_names(self) -> list[str]:
+        return [n for n, _ in self.partitions] + [n for n, _ in self.columns] + ["schema_version"]
+
+
+_ts = pa.timestamp("us", tz="UTC")
+_RUN = (("run_id", pa.string()),)
+_RUN_STEP = (("run_id", pa.string()), ("checkpoint_step", pa.int64()))
+
+TABLES: dict[str, TableSpec] = {
+    t.name: t
+    for t in [
+        TableSpec(
+            "train_metrics",
+            _RUN,
+            (
+                ("step", pa.int64()), ("epoch", pa.float64()), ("loss", pa.float64()),
+                ("lr", pa.float64()), ("grad_norm", pa.float64()), ("tokens_seen", pa.int64()),
+                ("step_time_s", pa.float64()), ("optimizer", pa.string()),
+                ("optimizer_state_bytes", pa.int64()), ("wall_time", _ts),
+            ),
+        ),
+        TableSpec(
+            "eval_metrics",
+            _RUN,
+            (
+                ("step", pa.int64()), ("split", pa.string()), ("loss", pa.float64()),
+                ("perplexity", pa.float64()), ("metric", pa.string()), ("value", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "checkpoints",
+            _RUN,
+            (
+                ("step", pa.int64()), ("uri", pa.string()), ("sha256", pa.string()),
+                ("n_params", pa.int64()), ("bytes", pa.int64()), ("created_at", _ts),
+            ),
+        ),
+        TableSpec(
+            "activations",
+            (*_RUN_STEP, ("layer", pa.int32())),
+            (
+                ("concept", pa.string()), ("split", pa.string()), ("example_id", pa.int64()),
+                ("pair_id", pa.int64()), ("label", pa.int8()), ("token_index", pa.int32()),
+                ("hidden", (pa.float16(), D_MODEL)),
+            ),
+        ),
+        TableSpec(
+            "directions",
+            _RUN_STEP,
+            (
+                ("concept", pa.string()), ("layer", pa.int32()), ("method", pa.string()),
+                ("sign", pa.int8()), ("explained_variance", pa.float64()),
+                ("detection_accuracy", pa.float64()), ("residual_norm", pa.float64()),
+                ("vector", (pa.float32(), D_MODEL)),
+            ),
+        ),
+        TableSpec(
+            "plasticity",
+            (("run_id", pa.string()), ("source_step", pa.int64())),
+            (
+                ("target_step", pa.int64()), ("concept", pa.string()), ("layers", pa.string()),
+                ("operator", pa.string()), ("alpha", pa.float64()), ("alpha_rel", pa.float64()),
+                ("metric", pa.string()), ("value", pa.float64()), ("baseline", pa.float64()),
+                ("delta", pa.float64()), ("n", pa.int64()), ("ci_low", pa.float64()),
+                ("ci_high", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "vocab_topk",
+            _RUN_STEP,
+            (
+                ("object", pa.string()), ("variant", pa.string()), ("layer", pa.int32()),
+                ("head", pa.int32()), ("index", pa.int64()), ("sign", pa.int8()),
+                ("rank", pa.int32()), ("token_id", pa.int64()), ("token", pa.string()),
+                ("score", pa.float64()),
+            ),
+        ),
+    ]
+}

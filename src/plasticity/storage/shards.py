@@ -1,0 +1,88 @@
+"""Parquet shards: written whole under a deterministic name, read back with Hive partitions."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from plasticity.storage.fs import Storage
+from plasticity.storage.schemas import SCHEMA_VERSION, TABLES
+
+
+def shard_path(storage: Storage, table: str, partitions: dict[str, Any], name: str) -> str:
+    spec = TABLES[table]
+    keys = [n for n, _ in spec.partitions]
+    if set(partitions) != set(keys):
+        raise ValueError(f"table {table}: partitions must be {keys}, got {sorted(partitions)}")
+    parts = [f"{k}={partitions[k]}" for k in keys]
+    return storage.path("tables", table, *parts, f"{name}.parquet")
+
+
+def write_shard(
+    storage: Storage,
+    table: str,
+    partitions: dict[str, Any],
+    name: str,
+    rows: dict[str, list] | pa.Table,
+    d_model: int | None = None,
+) -> str:
+    """Write one shard of `table`; a retry with the same name replaces it, never adds to it."""
+    schema = TABLES[table].schema(d_model)
+    if isinstance(rows, pa.Table):
+        data = rows
+        if "schema_version" not in data.column_names:
+            data = data.append_column(
+                "schema_version", pa.array([SCHEMA_VERSION] * data.num_rows, pa.int32())
+            )
+        data = data.select(schema.names).cast(schema)
+    else:
+        n = len(next(iter(rows.values()))) if rows else 0
+        columns = dict(rows)
+        columns["schema_version"] = [SCHEMA_VERSION] * n
+        missing = set(schema.names) - set(columns)
+        if missing:
+            raise ValueError(f"table {table}: missing columns {sorted(missing)}")
+        extra = set(columns) - set(schema.names)
+        if extra:
+            raise ValueError(f"table {table}: unknown columns {sorted(extra)}")
+        data = pa.table({k: pa.array(columns[k], schema.field(k).type) for k in schema.names})
+    buf = io.BytesIO()
+    pq.write_table(data, buf, compression="zstd")
+    path = shard_path(storage, table, partitions, name)
+    storage.write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_table(
+    storage: Storage,
+    table: str,
+    run_ids: list[str] | None = None,
+    paths: list[str] | None = None,
+) -> pa.Table:
+    """Read a table (all runs, or `run_ids`) with its partition columns restored."""
+    import pyarrow.dataset as ds
+
+    spec = TABLES[table]
+    base = storage.path("tables", table)
+    if paths is None:
+        if run_ids is None:
+            pattern = posixpath.join(base, "**", "*.parquet")
+            paths = sorted(storage.fs.glob(pattern))
+        else:
+            paths = []
+            for rid in run_ids:
+                paths += sorted(storage.fs.glob(posixpath.join(base, f"run_id={rid}", "**", "*.parquet")))
+    if not paths:
+        raise FileNotFoundError(f"table {table}: no shards under {storage.full_uri(base)}")
+    dataset = ds.dataset(
+        paths,
+        filesystem=storage.fs,
+        format="parquet",
+        partitioning=ds.partitioning(spec.partition_schema(), flavor="hive"),
+        partition_base_dir=base,
+    )
+    return dataset.to_table()

@@ -1,0 +1,1 @@
+"""Prefect tasks and the Ray actors they drive. `ray.remote` is applied here and only here."""
