@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 SCHEMA_VERSION = 1
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -295,6 +296,9 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads "2e-4" (no dot) as a string; take it as the number it spells.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -322,7 +326,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
         check = f.metadata.get("check")
         if check is not None:
             # Report the value as written (-1, not -1.0).
-            msg = check(data[name] if isinstance(value, float) else value)
+            raw = data[name]
+            msg = check(raw if isinstance(value, float) and isinstance(raw, int) else value)
             if msg:
                 errors.append(f"{path}: {msg}")
                 continue

@@ -263,10 +263,10 @@ def plasticity_stage(
     lm: LoadedModel | None = None,
 ) -> StageResult:
     """Steer target model j with every source i's direction over the alpha sweep."""
+    from plasticity.data.concepts import load_statements
     from plasticity.steering.evaluate import bootstrap_ci, facts_logit_gap
     from plasticity.steering.hooks import steer
     from plasticity.steering.prompts import contrast_pairs
-    from plasticity.data.concepts import load_statements
 
     storage = Storage.from_config(cfg.storage)
     lm = lm or load_checkpoint(storage, target.path, cfg.model)

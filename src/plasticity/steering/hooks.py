@@ -51,6 +51,9 @@ def capture(lm: LoadedModel, layers: list[int]) -> Iterator[dict[str, torch.Tens
 def steer(lm: LoadedModel, vectors: dict[int, torch.Tensor]) -> Iterator[None]:
     """Add `vectors[layer]` to the block output of each layer, at every position.
 
+    Write hooks run before any read hook on the same block, whatever the order the
+    contexts were opened in: a captured activation is always the steered one.
+
     A vector of shape (d,) is added to every row; shape (batch, d) gives each row of the
     batch its own vector (used to sweep coefficients in one pass).
     """
@@ -65,7 +68,10 @@ def steer(lm: LoadedModel, vectors: dict[int, torch.Tensor]) -> Iterator[None]:
                     v = v[:, None, :]
                 return _replace_hidden(output, hidden + v)
 
-            handles.append(lm.adapter.block(lm.model, layer).register_forward_hook(hook))
+            # Prepended, so a read hook on the same block sees the steered output.
+            handles.append(
+                lm.adapter.block(lm.model, layer).register_forward_hook(hook, prepend=True)
+            )
         yield
     finally:
         for h in handles:

@@ -85,4 +85,6 @@ def read_table(
         partitioning=ds.partitioning(spec.partition_schema(), flavor="hive"),
         partition_base_dir=base,
     )
-    return dataset.to_table()
+    table = dataset.to_table()
+    # Partition columns first, as the table list documents them.
+    return table.select([n for n in spec.column_names if n in table.column_names])

@@ -1,0 +1,125 @@
+"""Each stage of the timeline on tiny-gpt2, in-process (no Prefect, no Ray)."""
+
+import pyarrow as pa
+import pytest
+import torch
+
+from plasticity import stages
+from plasticity.storage import Storage, read_table
+from plasticity.storage.schemas import TABLES
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from pathlib import Path
+
+    from plasticity.config import load_config
+
+    root = tmp_path_factory.mktemp("store")
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs/smoke.yaml",
+        [f"storage.uri=file://{root}", "train.max_steps=4", "train.snapshot_steps=[0, 4]",
+         "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24"],
+    )
+    refs, ft = stages.finetune_stage(cfg, "t1")
+    ex = [stages.extract_stage(cfg, "t1", r) for r in refs]
+    pl = [stages.plasticity_stage(cfg, "t1", r, refs) for r in refs]
+    vo = [stages.vocab_stage(cfg, "t1", r) for r in refs]
+    return cfg, refs, {"finetune": ft, "extract": ex, "plasticity": pl, "vocab": vo}
+
+
+def test_finetune_writes_checkpoints_and_metrics(run):
+    cfg, refs, results = run
+    storage = Storage.from_config(cfg.storage)
+    assert [r.step for r in refs] == [0, 4]
+    metrics = read_table(storage, "train_metrics", ["t1"]).sort_by("step")
+    assert metrics.column("step").to_pylist() == [1, 2, 3, 4]
+    # AdamW: two fp32 moments per parameter and one fp32 step counter per tensor.
+    from plasticity.models import load_model
+
+    n_tensors = len(list(load_model(cfg.model).model.parameters()))
+    assert metrics.column("optimizer_state_bytes")[0].as_py() == 8 * refs[0].n_params + 4 * n_tensors
+    ckpts = read_table(storage, "checkpoints", ["t1"]).sort_by("step")
+    assert ckpts.column("sha256").to_pylist() == [r.sha256 for r in refs]
+    assert refs[0].sha256 != refs[1].sha256
+
+
+def test_activations_and_directions_agree(run):
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    acts = read_table(storage, "activations", ["t1"])
+    dirs = read_table(storage, "directions", ["t1"])
+    assert acts.schema.field("hidden").type == pa.list_(pa.float16(), 64)
+    assert dirs.num_rows == len(refs) * 4
+    # Recompute one direction from the Parquet activations alone.
+    sel = acts.filter(
+        (pa.compute.field("checkpoint_step") == 4) & (pa.compute.field("layer") == 2)
+        & (pa.compute.field("split") == "train")
+    ).sort_by("example_id").to_pydict()
+    hidden = torch.tensor(sel["hidden"], dtype=torch.float64)
+    labels = torch.tensor(sel["label"])
+    expected = hidden[labels == 1].mean(0) - hidden[labels == 0].mean(0)
+    expected /= expected.norm()
+    row = dirs.filter((pa.compute.field("checkpoint_step") == 4) & (pa.compute.field("layer") == 2))
+    got = torch.tensor(row.column("vector")[0].as_py(), dtype=torch.float64)
+    # float16 storage of activations bounds the agreement.
+    assert float(got @ expected) > 0.999
+    assert sel["pair_id"][:4] == [0, 0, 1, 1]
+    assert all(0.0 <= a <= 1.0 for a in dirs.column("detection_accuracy").to_pylist())
+
+
+def test_plasticity_grid_is_complete_and_alpha_zero_is_the_baseline(run):
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    table = read_table(storage, "plasticity", ["t1"]).to_pylist()
+    steps = [r.step for r in refs]
+    assert len(table) == len(steps) ** 2 * len(cfg.plasticity.alphas)
+    assert {(r["source_step"], r["target_step"]) for r in table} == {(i, j) for i in steps for j in steps}
+    for r in table:
+        assert r["n"] == 16
+        if r["alpha_rel"] == 0:
+            assert r["delta"] == 0 and r["value"] == r["baseline"]
+        assert r["ci_low"] <= r["delta"] <= r["ci_high"]
+    # Steering must move the metric somewhere in the grid.
+    assert max(abs(r["delta"]) for r in table) > 1e-3
+
+
+def test_vocab_topk_matches_brute_force(run):
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    from plasticity.train.checkpoint import load_checkpoint
+
+    lm = load_checkpoint(storage, refs[-1].path, cfg.model)
+    vecs = stages.load_vectors(storage, "t1", refs[-1].step, "honesty")
+    scores = lm.adapter.unembedding_matrix(lm.model).detach().double() @ vecs["mean_diff.1"].double()
+    top = torch.topk(scores, cfg.vocab.top_k).indices.tolist()
+    bottom = torch.topk(-scores, cfg.vocab.top_k).indices.tolist()
+    table = read_table(storage, "vocab_topk", ["t1"])
+    rows = [r for r in table.to_pylist() if r["checkpoint_step"] == refs[-1].step and r["layer"] == 1]
+    assert [r["token_id"] for r in sorted(rows, key=lambda r: r["rank"]) if r["sign"] == 1] == top
+    assert [r["token_id"] for r in sorted(rows, key=lambda r: r["rank"]) if r["sign"] == -1] == bottom
+    assert rows[0]["token"] == lm.tokenizer.decode([rows[0]["token_id"]])
+
+
+def test_report_writes_matrix_png_and_summary(run):
+    cfg, refs, _ = run
+    result = stages.report_stage(cfg, "t1")
+    storage = Storage.from_config(cfg.storage)
+    png = storage.path("runs", "t1", "report", "plasticity_matrix.png")
+    assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    m = torch.tensor(result.summary["matrix"])
+    assert m.shape == (2, 2) and torch.isfinite(m).all()
+    # The slope is the least-squares fit of delta on alpha_rel, checked independently.
+    table = read_table(storage, "plasticity", ["t1"]).to_pylist()
+    pts = [(r["alpha_rel"], r["delta"]) for r in table if r["source_step"] == 0 and r["target_step"] == 4]
+    x = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    slope = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[0, 0]
+    assert float(m[0, 1]) == pytest.approx(float(slope), rel=1e-9)
+
+
+def test_table_columns_match_the_design(run):
+    cfg, _, _ = run
+    storage = Storage.from_config(cfg.storage)
+    for name in ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk"):
+        assert read_table(storage, name, ["t1"]).column_names == TABLES[name].column_names, name
