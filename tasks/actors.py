@@ -65,6 +65,19 @@ class StageWorker:
 RemoteStageWorker = ray.remote(max_restarts=1, max_task_retries=0)(StageWorker)
 
 
+def _loopback_only() -> None:
+    """Make a local Ray use 127.0.0.1 as its node address, so its servers bind loopback.
+
+    Ray turns a node address of 127.0.0.1 into the machine's external address unless it
+    runs in single-machine mode, which it reads from this variable (at import in this
+    process, and at start in the daemons and workers it spawns, which inherit it).
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def ensure_ray(address: str | None = None) -> bool:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray on loopback.
 
@@ -77,6 +90,7 @@ def ensure_ray(address: str | None = None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
+        _loopback_only()
         ray.init(
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,

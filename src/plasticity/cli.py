@@ -38,9 +38,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     run_id = args.run_id or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     validate_run_id(run_id)
+    from plasticity.storage import Manifest, Storage
+    from plasticity.storage.manifest import ConfigMismatchError
+
+    try:
+        Manifest(Storage.from_config(cfg.storage), run_id).check_config(cfg.to_dict())
+    except ConfigMismatchError as exc:
+        raise ConfigError([str(exc)]) from exc
     from flows.timeline import timeline  # Prefect and Ray load only for a real run
 
-    result = timeline(config=cfg.to_dict(), run_id=run_id)
+    try:
+        result = timeline(config=cfg.to_dict(), run_id=run_id)
+    except Exception as exc:
+        print(f"plasticity: run {run_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(f"run {run_id} finished")
     print(f"  manifest: {result['manifest']}")
     print(f"  plasticity heatmap: {result['png']}")

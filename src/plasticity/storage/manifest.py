@@ -78,20 +78,27 @@ class Manifest:
         data["updated_at"] = now_iso()
         self.storage.write_bytes(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
 
+    def check_config(self, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+        """Refuse a config that differs from the stored one (storage and compute aside)."""
+        data = self.read() if data is None else data
+        if data is None:
+            return
+        stored = {k: v for k, v in data["config"].items() if k not in _VOLATILE}
+        given = {k: v for k, v in config.items() if k not in _VOLATILE}
+        diffs = _diff(stored, given)
+        if diffs:
+            raise ConfigMismatchError(
+                f"run {self.run_id} already exists with a different config:\n  "
+                + "\n  ".join(diffs)
+                + "\nuse a new --run-id, or the stored config to resume"
+            )
+
     def open(self, config: dict[str, Any]) -> dict[str, Any]:
         """Create the manifest, or check that an existing one has the same config."""
         with _LOCK:
             data = self.read()
             if data is not None:
-                stored = {k: v for k, v in data["config"].items() if k not in _VOLATILE}
-                given = {k: v for k, v in config.items() if k not in _VOLATILE}
-                diffs = _diff(stored, given)
-                if diffs:
-                    raise ConfigMismatchError(
-                        f"run {self.run_id} already exists with a different config:\n  "
-                        + "\n  ".join(diffs)
-                        + "\nuse a new --run-id, or the stored config to resume"
-                    )
+                self.check_config(config, data)
                 data["attempts"] = data.get("attempts", 1) + 1
             else:
                 data = {

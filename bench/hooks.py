@@ -1,0 +1,78 @@
+"""Overhead of the read (capture) and write (steer) hooks against a bare forward pass.
+
+A GPT-2-shaped model (12 layers, d=256, random init) on CPU, left-padded batches of real
+contrast prompts. The baseline is measured in the same run, interleaved with the
+variants, and the median of several repeats is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from plasticity.models.adapters import adapter_for
+    from plasticity.models.loading import LoadedModel
+    from plasticity.models.presets import load_gpt2_tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=12, n_embd=256, n_head=8, n_positions=256)
+    model = GPT2LMHeadModel(cfg).eval()
+    tok = load_gpt2_tokenizer()
+    tok.pad_token = tok.eos_token
+    return LoadedModel(model, tok, adapter_for(model))
+
+
+def main(repeats: int = 7) -> None:
+    from plasticity.config import ConceptConfig, ModelConfig
+    from plasticity.data import load_statements
+    from plasticity.steering import capture, contrast_pairs, steer
+    from plasticity.steering.forward import encode_left_padded, forward
+
+    lm = _model()
+    pairs = contrast_pairs(load_statements(), lm.tokenizer, ConceptConfig(max_pairs=64, n_train=32), ModelConfig())
+    prompts = [p for pair in pairs for p in pair.prompts]
+    batches = [encode_left_padded(lm, prompts[i : i + 32]) for i in range(0, len(prompts), 32)]
+    layers = list(range(12))
+    vec = {6: torch.randn(256)}
+
+    def bare():
+        for b in batches:
+            forward(lm, b)
+
+    def read_all():
+        with capture(lm, layers) as store:
+            for b in batches:
+                forward(lm, b)
+                _ = {k: v[:, -1].float() for k, v in store.items()}
+
+    def write_one():
+        with steer(lm, vec):
+            for b in batches:
+                forward(lm, b)
+
+    variants = {"bare forward": bare, "capture 12 layers": read_all, "steer 1 layer": write_one}
+    for fn in variants.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["bare forward"])
+    n_tokens = sum(int(b["attention_mask"].numel()) for b in batches)
+    print(f"hooks: GPT-2 12x256, {len(prompts)} prompts, {n_tokens} padded tokens, "
+          f"{torch.get_num_threads()} threads, median of {repeats}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:<20} {med * 1e3:8.1f} ms  {n_tokens / med:10.0f} tok/s  ratio {med / base:5.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The smoke config through the real Prefect flow and real Ray actors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from plasticity.config import StorageConfig
+from plasticity.storage import Storage, read_table
+from plasticity.storage.schemas import TABLES
+from tests.integration.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.integration
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+TABLE_NAMES = ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk")
+
+
+def _check_tables(storage: Storage, run_id: str) -> dict[str, pa.Table]:
+    tables = {name: read_table(storage, name, [run_id]) for name in TABLE_NAMES}
+    for name, table in tables.items():
+        assert table.column_names == TABLES[name].column_names, name
+        assert table.num_rows > 0, name
+        assert set(table.column("run_id").to_pylist()) == {run_id}
+    steps = sorted(tables["checkpoints"].column("step").to_pylist())
+    assert steps == [0, 5, 10]
+    n_alphas = 5
+    assert tables["plasticity"].num_rows == len(steps) ** 2 * n_alphas
+    # No duplicate keys anywhere that matters.
+    keys = [(r["source_step"], r["target_step"], r["alpha_rel"]) for r in tables["plasticity"].to_pylist()]
+    assert len(keys) == len(set(keys))
+    keys = [(r["checkpoint_step"], r["layer"], r["example_id"]) for r in tables["activations"].select(
+        ["checkpoint_step", "layer", "example_id"]).to_pylist()]
+    assert len(keys) == len(set(keys))
+    return tables
+
+
+def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
+    run_id = "s3-smoke"
+    uri = f"s3://{bucket}/lab"
+    out = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", run_id,
+                  "--set", f"storage.endpoint_url={s3_server}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"run {run_id} finished" in out.stdout
+
+    storage = Storage.from_config(StorageConfig(uri=uri, endpoint_url=s3_server))
+    tables = _check_tables(storage, run_id)
+    manifest = json.loads(storage.read_bytes(storage.path("runs", run_id, "manifest.json")))
+    assert manifest["status"] == "done"
+    assert manifest["config"]["storage"]["endpoint_url"] == s3_server
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifest) and "testing" not in json.dumps(manifest)
+    committed = set()
+    for units in manifest["stages"].values():
+        for unit in units.values():
+            committed |= set(unit["shards"])
+    on_store = set(storage.fs.glob(storage.path("tables", "**", "*.parquet")))
+    assert committed == on_store
+
+    import duckdb
+
+    con = duckdb.connect()
+    con.register_filesystem(storage.fs)
+    for name, table in tables.items():
+        rel = con.sql(
+            f"SELECT * FROM read_parquet('s3://{bucket}/lab/tables/{name}/**/*.parquet', "
+            "hive_partitioning = true, hive_types_autocast = false)"
+        )
+        assert set(rel.columns) == set(TABLES[name].column_names), name
+        assert rel.count("*").fetchone()[0] == table.num_rows
+    slope_rows = con.sql(
+        f"SELECT source_step, target_step, count(*) AS n FROM read_parquet("
+        f"'s3://{bucket}/lab/tables/plasticity/**/*.parquet', hive_partitioning = true) "
+        "GROUP BY ALL"
+    ).fetchall()
+    assert len(slope_rows) == 9 and {r[2] for r in slope_rows} == {5}
+    assert storage.exists(storage.path("runs", run_id, "report", "plasticity_matrix.png"))
+
+
+def test_file_run_resumes_without_duplicates_and_refuses_a_changed_config(tmp_path):
+    uri = f"file://{tmp_path}/p"
+    out = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1")
+    assert out.returncode == 0, out.stderr[-4000:]
+    storage = Storage.from_config(StorageConfig(uri=uri))
+    before = {n: t.num_rows for n, t in _check_tables(storage, "r1").items()}
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "p" / "tables").rglob("*.parquet")}
+
+    again = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1")
+    assert again.returncode == 0, again.stderr[-4000:]
+    after = {n: t.num_rows for n, t in _check_tables(storage, "r1").items()}
+    assert after == before
+    # Committed shards were skipped, not rewritten.
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "p" / "tables").rglob("*.parquet")} == mtimes
+    manifest = json.loads((tmp_path / "p/runs/r1/manifest.json").read_text())
+    assert manifest["attempts"] == 2 and manifest["status"] == "done"
+
+    changed = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1", "--set", "train.lr=0.01")
+    assert changed.returncode == 2
+    assert "train.lr: 0.001 (stored) != 0.01 (given)" in changed.stderr
