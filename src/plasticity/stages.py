@@ -312,6 +312,10 @@ def plasticity_stage(
                 ("n", len(items)), ("ci_low", lo), ("ci_high", hi),
             ):
                 rows[k].append(v)
+        log.info(
+            "plasticity target %d <- source %d: delta at alpha %+.2f = %+.4f",
+            target.step, src.step, p.alphas[-1], rows["delta"][-1],
+        )
         result.shards.append(
             write_shard(
                 storage, "plasticity", {"run_id": run_id, "source_step": src.step},
@@ -396,14 +400,14 @@ def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -
         csv += f"{s}," + ",".join(f"{float(v):.6g}" for v in m[i]) + "\n"
     storage.write_bytes(posixpath.join(out_dir, "plasticity_matrix.csv"), csv.encode())
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(targets), 1.0 + 0.8 * len(sources)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(targets)), max(3.5, 1.2 + 0.8 * len(sources))))
     lim = float(torch.nan_to_num(m).abs().max()) or 1.0
     im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_xticks(range(len(targets)), [str(t) for t in targets])
     ax.set_yticks(range(len(sources)), [str(s) for s in sources])
     ax.set_xlabel("target checkpoint step (model steered)")
     ax.set_ylabel("source checkpoint step (direction)")
-    ax.set_title(f"{cfg.concept.name}: d({cfg.plasticity.metric}) / d(alpha_rel)")
+    ax.set_title(f"{cfg.concept.name}: d({cfg.plasticity.metric}) / d(alpha_rel)", fontsize=10)
     for i in range(len(sources)):
         for j in range(len(targets)):
             ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=8)

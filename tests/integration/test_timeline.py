@@ -66,8 +66,10 @@ def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
             f"SELECT * FROM read_parquet('s3://{bucket}/lab/tables/{name}/**/*.parquet', "
             "hive_partitioning = true, hive_types_autocast = false)"
         )
-        assert set(rel.columns) == set(TABLES[name].column_names), name
-        assert rel.count("*").fetchone()[0] == table.num_rows
+        got = rel.to_arrow_table()
+        assert set(got.column_names) == set(TABLES[name].column_names), name
+        assert got.num_rows == table.num_rows
+        assert set(got.column("run_id").to_pylist()) == {run_id}
     slope_rows = con.sql(
         f"SELECT source_step, target_step, count(*) AS n FROM read_parquet("
         f"'s3://{bucket}/lab/tables/plasticity/**/*.parquet', hive_partitioning = true) "
