@@ -49,7 +49,7 @@ def test_final_block_plus_norm_and_unembedding_gives_the_logits(tiny):
     _, lm = tiny
     enc = encode_left_padded(lm, ["Paris is the capital of"])
     with capture(lm, [lm.n_layers - 1]) as store:
-        logits = forward(lm, enc).logits
+        logits = forward(lm, enc, logits_to_keep=0).logits
         h = store[hook_name(lm.n_layers - 1)]
     ours = lm.adapter.norm(lm.model)(h) @ lm.adapter.unembedding_matrix(lm.model).T
     scale = getattr(lm.model.config, "scale_embedding", False)

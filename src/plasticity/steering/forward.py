@@ -34,7 +34,12 @@ def batches(items: list, size: int) -> Iterator[tuple[int, list]]:
 
 
 @torch.no_grad()
-def forward(lm: LoadedModel, batch: dict[str, torch.Tensor]):
+def forward(lm: LoadedModel, batch: dict[str, torch.Tensor], logits_to_keep: int = 1):
+    """One forward pass; logits only for the last `logits_to_keep` positions (0: all).
+
+    Everything here reads the last token, and the unembedding over every position costs
+    as much as a small model's blocks, so by default only the last position is projected.
+    """
     device = model_device(lm)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return lm.model(**batch, use_cache=False)
+        return lm.model(**batch, use_cache=False, logits_to_keep=logits_to_keep)
