@@ -150,9 +150,16 @@ class ConceptConfig:
     )
     max_pairs: int = field(default=128, metadata=_doc("Contrast pairs in all.", _positive))
     n_train: int = field(default=64, metadata=_doc("Pairs used to fit; the rest test.", _positive))
-    method: Literal["mean_diff"] = field(default="mean_diff", metadata=_doc("Direction reader."))
+    methods: list[Literal["pca", "mean_diff", "random"]] = field(
+        default_factory=lambda: ["pca", "mean_diff", "random"],
+        metadata=_doc(
+            "Direction readers, each written per layer: 'pca' (top principal component of "
+            "the paired differences), 'mean_diff', 'random' (a unit-norm null).",
+            _non_empty,
+        ),
+    )
     batch_size: int = field(default=16, metadata=_doc("Prompts per forward pass.", _positive))
-    seed: int = field(default=0, metadata=_doc("Seed of the pair order."))
+    seed: int = field(default=0, metadata=_doc("Seed of the pair order and random directions."))
 
 
 @dataclass
@@ -169,7 +176,16 @@ class PlasticityConfig:
         default="relative",
         metadata=_doc("'relative': alpha times the target's mean residual norm at the layer."),
     )
-    operator: Literal["add"] = field(default="add", metadata=_doc("Steering operator."))
+    method: Literal["pca", "mean_diff", "random"] = field(
+        default="pca", metadata=_doc("Which reader's direction steers (one of concept.methods).")
+    )
+    operator: Literal["add", "piecewise", "ablate", "ablate_add"] = field(
+        default="add",
+        metadata=_doc(
+            "Steering operator: add (h + a*u), piecewise (h + sign(<h,u>)*a*u), "
+            "ablate (h - <h,u>*u), ablate_add (h - <h,u>*u + a*u)."
+        ),
+    )
     metric: Literal["facts_logit_gap"] = field(
         default="facts_logit_gap",
         metadata=_doc("log p(' True') - log p(' False'), signed by the statement's label."),
@@ -367,6 +383,12 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     for key in ("{persona}", "{prefix}"):
         if key not in c.template:
             errors.append(f"concept.template: must contain {key}")
+    if cfg.plasticity.method not in c.methods:
+        errors.append(
+            f"plasticity.method: {cfg.plasticity.method!r} is not among concept.methods {c.methods}"
+        )
+    if len(set(c.methods)) != len(c.methods):
+        errors.append(f"concept.methods: duplicate readers in {c.methods}")
     if 0.0 not in cfg.plasticity.alphas:
         errors.append(
             f"plasticity.alphas: must include 0 (the unsteered baseline), got {cfg.plasticity.alphas}"

@@ -155,7 +155,14 @@ def extract_stage(
 
     from plasticity.data.concepts import load_statements
     from plasticity.steering.prompts import contrast_pairs
-    from plasticity.steering.readers import detection_accuracy, explained_variance, mean_difference
+    from plasticity.steering.readers import (
+        detection_accuracy,
+        explained_variance,
+        mean_difference,
+        pca_direction,
+        random_direction,
+        vote_sign,
+    )
 
     storage = Storage.from_config(cfg.storage)
     lm = lm or load_checkpoint(storage, ckpt.path, cfg.model)
@@ -172,9 +179,10 @@ def extract_stage(
     n_pairs = len(pairs)
     pair_ids = torch.arange(n_pairs).repeat_interleave(2)
     split = ["train" if p < c.n_train else "test" for p in pair_ids.tolist()]
-    # Positive and negative member of each pair, whatever their presentation order.
+    # Positive and negative member of each pair, and the members in presentation order.
     pos_idx = torch.arange(2 * n_pairs)[labels == 1]
     neg_idx = torch.arange(2 * n_pairs)[labels == 0]
+    first_idx, second_idx = torch.arange(0, 2 * n_pairs, 2), torch.arange(1, 2 * n_pairs, 2)
     result = StageResult()
     part = {"run_id": run_id, "checkpoint_step": ckpt.step}
     rows: dict[str, list] = {k: [] for k in (
@@ -182,6 +190,7 @@ def extract_stage(
         "residual_norm", "vector",
     )}
     tensors: dict[str, torch.Tensor] = {}
+    tr, te = slice(0, c.n_train), slice(c.n_train, n_pairs)
     for layer in layers:
         h = acts[layer]
         result.shards.append(
@@ -197,26 +206,31 @@ def extract_stage(
             )
         )
         pos, neg = h[pos_idx], h[neg_idx]
-        tr, te = slice(0, c.n_train), slice(c.n_train, n_pairs)
-        direction = mean_difference(pos[tr], neg[tr])
-        # Sign by vote: the positive member should project higher in most training pairs.
-        sign = 1 if detection_accuracy(direction, pos[tr], neg[tr]) >= 0.5 else -1
-        direction = direction * sign
+        first, second = h[first_idx][tr], h[second_idx][tr]
         residual_norm = float(h.norm(dim=-1).mean())
-        rows["concept"].append(c.name)
-        rows["layer"].append(layer)
-        rows["method"].append(c.method)
-        rows["sign"].append(sign)
-        rows["explained_variance"].append(explained_variance(direction, pos[tr], neg[tr]))
-        rows["detection_accuracy"].append(detection_accuracy(direction, pos[te], neg[te]))
-        rows["residual_norm"].append(residual_norm)
-        rows["vector"].append(direction.numpy().tolist())
-        tensors[f"{c.method}.{layer}"] = direction.contiguous()
         tensors[f"residual_norm.{layer}"] = torch.tensor([residual_norm])
+        for method in c.methods:
+            if method == "pca":
+                direction, _ = pca_direction(first, second)
+            elif method == "mean_diff":
+                direction = mean_difference(pos[tr], neg[tr])
+            else:
+                direction = random_direction(lm.d_model, seed=c.seed * 100_003 + layer)
+            # Sign by vote: the positive member should project higher in most training pairs.
+            sign = vote_sign(direction, pos[tr], neg[tr])
+            direction = direction * sign
+            for k, v in (
+                ("concept", c.name), ("layer", layer), ("method", method), ("sign", sign),
+                ("explained_variance", explained_variance(direction, first, second)),
+                ("detection_accuracy", detection_accuracy(direction, pos[te], neg[te])),
+                ("residual_norm", residual_norm), ("vector", direction.numpy().tolist()),
+            ):
+                rows[k].append(v)
+            tensors[f"{method}.{layer}"] = direction.contiguous()
     result.shards.append(write_shard(storage, "directions", part, c.name, rows, d_model=lm.d_model))
     meta = {
         "run_id": run_id, "checkpoint_step": str(ckpt.step), "checkpoint_sha256": ckpt.sha256,
-        "concept": c.name, "method": c.method, "layers": json.dumps(layers),
+        "concept": c.name, "methods": json.dumps(c.methods), "layers": json.dumps(layers),
         "n_train": str(c.n_train), "n_pairs": str(n_pairs),
         "user_tag": cfg.model.user_tag, "assistant_tag": cfg.model.assistant_tag,
         "template": c.template,
@@ -226,7 +240,10 @@ def extract_stage(
     )
     result.summary = {
         "step": ckpt.step,
-        "detection_accuracy": dict(zip(rows["layer"], rows["detection_accuracy"], strict=True)),
+        "detection_accuracy": {
+            f"{m}.{layer}": acc
+            for m, layer, acc in zip(rows["method"], rows["layer"], rows["detection_accuracy"], strict=True)
+        },
     }
     log.info("extract step %d: %d pairs, %d layers", ckpt.step, n_pairs, len(layers))
     return result
@@ -295,10 +312,11 @@ def plasticity_stage(
         )}
         for alpha in p.alphas:
             scale = {layer: (alpha * norms[layer] if p.alpha_scale == "relative" else alpha) for layer in layers}
-            if alpha == 0:
-                values = baseline
+            if alpha == 0 and p.operator in ("add", "piecewise"):
+                values = baseline  # these operators are the identity at alpha = 0
             else:
-                with steer(lm, {layer: scale[layer] * vecs[f"{c.method}.{layer}"] for layer in layers}):
+                directions = {layer: vecs[f"{p.method}.{layer}"] for layer in layers}
+                with steer(lm, directions, scale, p.operator):
                     values = facts_logit_gap(lm, items, p.batch_size)
             delta = values - baseline
             lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
@@ -343,7 +361,9 @@ def vocab_stage(
     rows: dict[str, list] = {k: [] for k in (
         "object", "variant", "layer", "head", "index", "sign", "rank", "token_id", "token", "score",
     )}
-    for key in sorted(k for k in vecs if k.startswith(f"{c.method}.")):
+    # The reader whose direction steers in the plasticity grid.
+    method = cfg.plasticity.method
+    for key in sorted(k for k in vecs if k.startswith(f"{method}.")):
         layer = int(key.split(".")[1])
         for ts in topk_tokens(unembed, vecs[key], cfg.vocab.top_k):
             for k, v in (
@@ -354,7 +374,7 @@ def vocab_stage(
                 rows[k].append(v)
     path = write_shard(
         storage, "vocab_topk", {"run_id": run_id, "checkpoint_step": ckpt.step},
-        f"{c.name}-direction", rows,
+        f"{c.name}-direction-{method}", rows,
     )
     return StageResult(shards=[path])
 

@@ -15,7 +15,13 @@ from plasticity.steering import (
 )
 from plasticity.steering.evaluate import answer_token_ids, bootstrap_ci, facts_logit_gap
 from plasticity.steering.forward import encode_left_padded, forward
-from plasticity.steering.readers import explained_variance
+from plasticity.steering.hooks import apply_operator
+from plasticity.steering.readers import (
+    explained_variance,
+    pca_direction,
+    random_direction,
+    vote_sign,
+)
 
 
 @pytest.fixture(scope="module", params=TINY_PRESETS)
@@ -30,9 +36,10 @@ def test_steering_adds_exactly_alpha_v_at_the_layer_and_nothing_before(lm):
         forward(lm, enc)
         clean = {k: v.clone() for k, v in store.items()}
         v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
-        with steer(lm, {2: 3.0 * v}):
+        with steer(lm, {2: v}, 3.0):
             forward(lm, enc)
-        steered = {k: v.clone() for k, v in store.items()}
+        steered = {k: h.clone() for k, h in store.items()}
+    v = v / v.norm()
     for layer in (0, 1):
         torch.testing.assert_close(steered[hook_name(layer)], clean[hook_name(layer)], rtol=0, atol=0)
     torch.testing.assert_close(
@@ -46,8 +53,9 @@ def test_per_row_vectors_steer_each_row_on_its_own(lm):
     enc = encode_left_padded(lm, ["Same prompt"] * 3)
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(1))
     alphas = torch.tensor([0.0, 1.0, -2.0])
+    v = v / v.norm()
     with capture(lm, [1]) as store:
-        with steer(lm, {1: alphas[:, None] * v}):
+        with steer(lm, {1: v}, alphas):
             forward(lm, enc)
         rows = store[hook_name(1)].clone()
         forward(lm, enc)
@@ -105,12 +113,100 @@ def test_readers_against_a_planted_direction():
     assert float(d @ true_dir) > 0.99
     assert detection_accuracy(d, pos, neg) == 1.0
     assert detection_accuracy(-d, pos, neg) == 0.0
-    # The paired differences are 4*true_dir plus small noise: after centring, the
-    # variance along the planted direction is a small share, computed independently:
+    # Explained variance of the centred paired differences, computed independently:
     diffs = (pos - neg).double()
     diffs -= diffs.mean(0)
     ref = float(((diffs @ d.double()) ** 2).sum() / (diffs**2).sum())
     assert explained_variance(d, pos, neg) == pytest.approx(ref, rel=1e-6)
+
+
+def _shuffled(pos, neg, seed=0):
+    """Pairs in a random presentation order, as RepE shows them."""
+    flip = torch.rand(len(pos), generator=torch.Generator().manual_seed(seed)) < 0.5
+    first = torch.where(flip[:, None], neg, pos)
+    second = torch.where(flip[:, None], pos, neg)
+    return first, second
+
+
+def test_pca_finds_the_planted_direction_and_matches_an_independent_pca():
+    gen = torch.Generator().manual_seed(1)
+    true_dir = torch.nn.functional.normalize(torch.randn(48, generator=gen), dim=0)
+    base = 3.0 * torch.randn(300, 48, generator=gen)
+    pos = base + 1.5 * true_dir + 0.2 * torch.randn(300, 48, generator=gen)
+    neg = base - 1.5 * true_dir + 0.2 * torch.randn(300, 48, generator=gen)
+    first, second = _shuffled(pos, neg)
+    d, ev = pca_direction(first, second)
+    d = d * vote_sign(d, pos, neg)
+    assert float(d @ true_dir) > 0.99
+    assert detection_accuracy(d, pos, neg) == 1.0
+    # Independent PCA: the top eigenvector of the covariance of the differences.
+    diffs = (first - second).double()
+    cov = torch.cov(diffs.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    ref = evecs[:, -1] * torch.sign(evecs[:, -1] @ d.double())
+    assert float(ref @ d.double()) == pytest.approx(1.0, abs=1e-6)  # d is float32
+    assert ev == pytest.approx(float(evals[-1] / evals.sum()), rel=1e-9)
+    assert explained_variance(d, first, second) == pytest.approx(ev, rel=1e-6)
+
+
+def test_pca_on_unshuffled_differences_loses_the_signal():
+    # Taking positive - negative always and centring removes the shared offset, which
+    # is why the pairs are shuffled (see DESIGN.md).
+    gen = torch.Generator().manual_seed(2)
+    true_dir = torch.nn.functional.normalize(torch.randn(48, generator=gen), dim=0)
+    nuisance = torch.nn.functional.normalize(torch.randn(48, generator=gen), dim=0)
+    n = 300
+    base = torch.randn(n, 48, generator=gen)
+    wobble = torch.randn(n, 1, generator=gen) * nuisance
+    pos = base + 1.5 * true_dir + wobble
+    neg = base - 1.5 * true_dir - wobble
+    d_unshuffled, _ = pca_direction(pos, neg)
+    d_shuffled, _ = pca_direction(*_shuffled(pos, neg))
+    assert abs(float(d_unshuffled @ true_dir)) < 0.3
+    assert abs(float(d_shuffled @ true_dir)) > 0.9
+
+
+def test_random_direction_is_unit_and_seeded():
+    a, b, c = random_direction(64, 3), random_direction(64, 3), random_direction(64, 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.norm()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("operator", ["add", "piecewise", "ablate", "ablate_add"])
+def test_operators_against_a_float64_reference(operator):
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 7, 16, generator=gen)
+    v = torch.randn(16, generator=gen) * 4.0
+    alpha = torch.tensor([0.0, 1.5, -2.0])
+    got = apply_operator(h, v, alpha, operator)
+    hd, u = h.double(), (v / v.norm()).double()
+    out = torch.empty_like(hd)
+    for b in range(3):
+        for t in range(7):
+            x = hd[b, t]
+            p = float(x @ u)
+            a = float(alpha[b])
+            out[b, t] = {
+                "add": x + a * u,
+                "piecewise": x + (1 if p > 0 else -1 if p < 0 else 0) * a * u,
+                "ablate": x - p * u,
+                "ablate_add": x - p * u + a * u,
+            }[operator]
+    torch.testing.assert_close(got.double(), out, rtol=1e-5, atol=1e-5)
+    if operator.startswith("ablate"):
+        # Nothing is left along v but the added part.
+        torch.testing.assert_close(got.double() @ u, alpha.double()[:, None].expand(3, 7)
+                                   if operator == "ablate_add" else torch.zeros(3, 7, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+
+
+def test_steer_rejects_a_vector_of_the_wrong_width_and_unknown_operators(tiny_gpt2):
+    with pytest.raises(ValueError, match="width 32, the model's is 64"):
+        with steer(tiny_gpt2, {1: torch.ones(32)}):
+            pass
+    with pytest.raises(ValueError, match="unknown steering operator 'multiply'"):
+        with steer(tiny_gpt2, {1: torch.ones(64)}, 1.0, "multiply"):
+            pass
 
 
 def test_facts_logit_gap_matches_a_manual_computation(tiny_gpt2):
