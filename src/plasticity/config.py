@@ -380,6 +380,11 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
             f"concept.n_train: must be below concept.max_pairs={c.max_pairs} so test pairs "
             f"remain, got {c.n_train}"
         )
+    if c.positive == c.negative:
+        errors.append(
+            f"concept.negative: equals concept.positive ({c.positive!r}); the contrast set "
+            "would be one-sided"
+        )
     for key in ("{persona}", "{prefix}"):
         if key not in c.template:
             errors.append(f"concept.template: must contain {key}")

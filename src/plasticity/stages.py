@@ -228,12 +228,18 @@ def extract_stage(
                 rows[k].append(v)
             tensors[f"{method}.{layer}"] = direction.contiguous()
     result.shards.append(write_shard(storage, "directions", part, c.name, rows, d_model=lm.d_model))
+    from plasticity.data.concepts import resolve_dataset
+    from plasticity.train.checkpoint import sha256_file
+
     meta = {
-        "run_id": run_id, "checkpoint_step": str(ckpt.step), "checkpoint_sha256": ckpt.sha256,
-        "concept": c.name, "methods": json.dumps(c.methods), "layers": json.dumps(layers),
-        "n_train": str(c.n_train), "n_pairs": str(n_pairs),
+        "run_id": run_id, "model": cfg.model.source, "model_type": lm.adapter.model_type,
+        "d_model": str(lm.d_model), "checkpoint_step": str(ckpt.step),
+        "checkpoint_sha256": ckpt.sha256, "concept": c.name, "methods": json.dumps(c.methods),
+        "layers": json.dumps(layers), "n_train": str(c.n_train), "n_pairs": str(n_pairs),
         "user_tag": cfg.model.user_tag, "assistant_tag": cfg.model.assistant_tag,
-        "template": c.template,
+        "template": c.template, "positive": c.positive, "negative": c.negative,
+        "dataset": c.dataset, "dataset_sha256": sha256_file(resolve_dataset(c.dataset)),
+        "seed": str(c.seed),
     }
     storage.write_bytes(
         vectors_path(storage, run_id, ckpt.step, c.name), save_safetensors(tensors, metadata=meta)
@@ -249,13 +255,14 @@ def extract_stage(
     return result
 
 
-def load_vectors(storage: Storage, run_id: str, step: int, concept: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as load_safetensors
+def load_vectors(storage: Storage, run_id: str, step: int, concept: str):
+    """The extract stage's vector file of one checkpoint, as a VectorFile."""
+    from plasticity.steering.vectors import read_vector_file
 
     path = vectors_path(storage, run_id, step, concept)
     if not storage.exists(path):
         raise FileNotFoundError(f"no {concept} vectors for step {step} at {storage.full_uri(path)}")
-    return load_safetensors(storage.read_bytes(path))
+    return read_vector_file(storage.read_bytes(path))
 
 
 # -- plasticity -------------------------------------------------------------------------
@@ -292,7 +299,7 @@ def plasticity_stage(
     pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
     train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
     items = _eval_items(cfg, train_statements)
-    target_vecs = load_vectors(storage, run_id, target.step, c.name)
+    target_vecs = load_vectors(storage, run_id, target.step, c.name).tensors
     norms = {}
     for layer in layers:
         key = f"residual_norm.{layer}"
@@ -305,7 +312,8 @@ def plasticity_stage(
     result = StageResult()
     layers_label = ",".join(str(x) for x in layers)
     for src in sources:
-        vecs = load_vectors(storage, run_id, src.step, c.name)
+        source_file = load_vectors(storage, run_id, src.step, c.name)
+        source_file.check_width(lm.d_model)
         rows: dict[str, list] = {k: [] for k in (
             "target_step", "concept", "layers", "operator", "alpha", "alpha_rel", "metric",
             "value", "baseline", "delta", "n", "ci_low", "ci_high",
@@ -315,7 +323,7 @@ def plasticity_stage(
             if alpha == 0 and p.operator in ("add", "piecewise"):
                 values = baseline  # these operators are the identity at alpha = 0
             else:
-                directions = {layer: vecs[f"{p.method}.{layer}"] for layer in layers}
+                directions = {layer: source_file.direction(p.method, layer) for layer in layers}
                 with steer(lm, directions, scale, p.operator):
                     values = facts_logit_gap(lm, items, p.batch_size)
             delta = values - baseline
@@ -356,7 +364,7 @@ def vocab_stage(
     storage = Storage.from_config(cfg.storage)
     lm = lm or load_checkpoint(storage, ckpt.path, cfg.model)
     c = cfg.concept
-    vecs = load_vectors(storage, run_id, ckpt.step, c.name)
+    vecs = load_vectors(storage, run_id, ckpt.step, c.name).tensors
     unembed = lm.adapter.unembedding_matrix(lm.model).detach()
     rows: dict[str, list] = {k: [] for k in (
         "object", "variant", "layer", "head", "index", "sign", "rank", "token_id", "token", "score",

@@ -130,7 +130,7 @@ def test_vocab_topk_matches_brute_force(run):
     from plasticity.train.checkpoint import load_checkpoint
 
     lm = load_checkpoint(storage, refs[-1].path, cfg.model)
-    vecs = stages.load_vectors(storage, "t1", refs[-1].step, "honesty")
+    vecs = stages.load_vectors(storage, "t1", refs[-1].step, "honesty").tensors
     key = f"{cfg.plasticity.method}.1"
     scores = lm.adapter.unembedding_matrix(lm.model).detach().double() @ vecs[key].double()
     top = torch.topk(scores, cfg.vocab.top_k).indices.tolist()
@@ -164,3 +164,40 @@ def test_table_columns_match_the_design(run):
     storage = Storage.from_config(cfg.storage)
     for name in ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk"):
         assert read_table(storage, name, ["t1"]).column_names == TABLES[name].column_names, name
+
+
+def test_vector_files_carry_provenance_and_steer_another_model_of_the_same_width(run):
+    cfg, refs, _ = run
+    from plasticity.config import ModelConfig
+    from plasticity.models import load_model
+    from plasticity.steering import steer
+    from plasticity.steering.vectors import read_vector_file
+
+    storage = Storage.from_config(cfg.storage)
+    vf = read_vector_file(storage.read_bytes(stages.vectors_path(storage, "t1", 4, "honesty")))
+    for key in ("model", "checkpoint_step", "template", "user_tag", "dataset_sha256", "seed", "methods"):
+        assert key in vf.metadata, key
+    assert vf.metadata["checkpoint_step"] == "4" and vf.metadata["model"] == "tiny-gpt2"
+    other = load_model(ModelConfig(source="tiny-llama"))  # a different architecture, same width
+    vf.check_width(other.d_model)
+    with steer(other, {1: vf.direction("pca", 1)}, 2.0):
+        pass
+    with pytest.raises(KeyError, match="no direction 'pca.9'"):
+        vf.direction("pca", 9)
+    with pytest.raises(ValueError, match="the vectors are 64 wide"):
+        vf.check_width(576)
+
+
+def test_one_sided_contrast_sets_are_refused(tiny_gpt2):
+    from plasticity.config import ConceptConfig, ModelConfig
+    from plasticity.data import Statement
+    from plasticity.steering import contrast_pairs
+
+    with pytest.raises(ValueError, match="no statements labelled 1"):
+        contrast_pairs([Statement("The sky is green today and always.", 0)], tiny_gpt2.tokenizer,
+                       ConceptConfig(), ModelConfig())
+    with pytest.raises(ValueError, match="one-sided"):
+        contrast_pairs([Statement("The sky is blue today and always.", 1)], tiny_gpt2.tokenizer,
+                       ConceptConfig(negative="an honest"), ModelConfig())
+    with pytest.raises(ValueError, match="no contrast pairs"):
+        contrast_pairs([Statement("Yes.", 1)], tiny_gpt2.tokenizer, ConceptConfig(), ModelConfig())

@@ -82,26 +82,79 @@ def capture(lm: LoadedModel, layers: list[int]) -> Iterator[dict[str, torch.Tens
             h.remove()
 
 
+POSITIONS: tuple[str, ...] = ("all", "prompt", "generated", "last_k")
+
+
+class _PositionTracker:
+    """Knows the absolute positions of the tokens in the current forward pass, with or
+    without a KV cache, so position-restricted steering treats a token the same in
+    cached and uncached generation. The prompt is what the first pass in the context saw.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_len: int | None = None
+        self.start = 0
+        self.length = 0
+
+    def pre_hook(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        # transformers 5 names the KV cache `cache`; earlier versions `past_key_values`.
+        past = kwargs.get("cache")
+        if past is None:
+            past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        self.start, self.length = past_len, int(ids.shape[1])
+        if self.prompt_len is None:
+            self.prompt_len = self.length
+
+    def mask(self, positions: str, last_k: int | None, device) -> torch.Tensor:
+        pos = torch.arange(self.start, self.start + self.length, device=device)
+        p = self.prompt_len or 0
+        if positions == "prompt":
+            return pos < p
+        if positions == "generated":
+            return pos >= p
+        return (pos < p) & (pos >= p - (last_k or 0))
+
+
 @contextmanager
 def steer(
     lm: LoadedModel,
     directions: dict[int, torch.Tensor],
     alpha: float | torch.Tensor | dict[int, float | torch.Tensor] = 1.0,
     operator: str = "add",
+    positions: str = "all",
+    last_k: int | None = None,
 ) -> Iterator[None]:
-    """Steer the block output of each layer in `directions` at every position.
+    """Steer the block output of each layer in `directions`.
 
     `alpha` is one coefficient for all layers or one per layer; each may be a number or a
     (batch,) tensor giving every row of the batch its own coefficient. The direction is
     used as a unit vector, so `alpha` is the length of what `add` adds.
+
+    `positions`: 'all' tokens, the 'prompt' only, 'generated' tokens only, or the
+    'last_k' tokens of the prompt. Works inside `generate`, with or without the KV cache.
 
     Write hooks run before any read hook on the same block, whatever the order the
     contexts were opened in: a captured activation is always the steered one.
     """
     if operator not in OPERATORS:
         raise ValueError(f"unknown steering operator {operator!r}; known: {OPERATORS}")
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown steering positions {positions!r}; known: {POSITIONS}")
+    if positions == "last_k" and (last_k is None or last_k < 1):
+        raise ValueError(f"positions='last_k' needs last_k >= 1, got {last_k}")
+    tracker = _PositionTracker()
     handles = []
     try:
+        if positions != "all":
+            handles.append(
+                lm.model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True, prepend=True)
+            )
         for layer, direction in directions.items():
             if direction.shape[-1] != lm.d_model:
                 raise ValueError(
@@ -111,9 +164,12 @@ def steer(
             a = alpha[layer] if isinstance(alpha, dict) else alpha
 
             def hook(_module, _inputs, output, direction=direction, a=a):
-                return _replace_hidden(
-                    output, apply_operator(_hidden(output), direction, a, operator)
-                )
+                hidden = _hidden(output)
+                steered = apply_operator(hidden, direction, a, operator)
+                if positions != "all":
+                    keep = tracker.mask(positions, last_k, hidden.device)
+                    steered = torch.where(keep[None, :, None], steered, hidden)
+                return _replace_hidden(output, steered)
 
             # Prepended, so a read hook on the same block sees the steered output.
             handles.append(

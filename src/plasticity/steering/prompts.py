@@ -35,6 +35,16 @@ def contrast_pairs(
     """Cut each true statement after each token prefix (1 … len-5 tokens) and wrap it in
     the positive and negative persona; members of each pair are shuffled with a seeded RNG.
     """
+    if cfg.positive == cfg.negative:
+        raise ValueError(
+            f"concept.positive and concept.negative are both {cfg.positive!r}: "
+            "the contrast set would be one-sided"
+        )
+    if not any(st.label == 1 for st in statements):
+        raise ValueError(
+            f"concept {cfg.name!r}: the dataset has no statements labelled 1 to build "
+            "contrast pairs from"
+        )
     rng = random.Random(cfg.seed)
     pairs: list[ContrastPair] = []
     for s_idx, st in enumerate(statements):
@@ -52,4 +62,9 @@ def contrast_pairs(
             pairs.append(ContrastPair(len(pairs), s_idx, prompts, labels))
             if len(pairs) == cfg.max_pairs:
                 return pairs
+    if not pairs:
+        raise ValueError(
+            f"concept {cfg.name!r}: no contrast pairs; every true statement is 5 tokens or "
+            "shorter for this tokenizer"
+        )
     return pairs
