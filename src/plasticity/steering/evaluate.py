@@ -6,7 +6,7 @@ import torch
 
 from plasticity.data.concepts import Statement
 from plasticity.models.loading import LoadedModel
-from plasticity.steering.forward import batches, encode_left_padded, forward
+from plasticity.steering.forward import batches, encode_left_padded, forward, pad_left
 
 FACTS_PROMPT = "Is the following statement true or false?\nStatement: {statement}\nAnswer:"
 
@@ -74,23 +74,14 @@ def continuation_logprobs(
         seqs.append(p_ids + c_ids)
         n_cont.append(len(c_ids))
     out = torch.empty(len(seqs), dtype=torch.float64)
-    pad = tok.pad_token_id
     device = next(lm.model.parameters()).device
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, s in enumerate(chunk):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        batch = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
-        }
+        batch = pad_left(chunk, tok.pad_token_id, device)
+        ids = batch["input_ids"].cpu()
+        width = ids.shape[1]
         logp = torch.log_softmax(forward(lm, batch, logits_to_keep=0).logits.double(), -1).cpu()
-        for i, s in enumerate(chunk):
+        for i in range(len(chunk)):
             k = n_cont[start + i]
             # Logits at position t predict token t+1: the continuation's k tokens are the
             # last k of the row, predicted from the k positions before them.

@@ -13,19 +13,27 @@ def model_device(lm: LoadedModel) -> torch.device:
     return next(lm.model.parameters()).device
 
 
-def encode_left_padded(lm: LoadedModel, prompts: list[str]) -> dict[str, torch.Tensor]:
-    tok = lm.tokenizer
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    mask = enc["attention_mask"]
+def pad_left(token_lists: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into a batch with its attention mask and position ids."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        if toks:
+            ids[i, width - len(toks) :] = torch.tensor(toks)
+            mask[i, width - len(toks) :] = 1
     # Positions count real tokens only, so left padding does not shift them.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    device = model_device(lm)
     return {
-        "input_ids": enc["input_ids"].to(device),
+        "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "position_ids": position_ids.to(device),
     }
+
+
+def encode_left_padded(lm: LoadedModel, prompts: list[str]) -> dict[str, torch.Tensor]:
+    ids = lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return pad_left(ids, lm.tokenizer.pad_token_id, model_device(lm))
 
 
 def batches(items: list, size: int) -> Iterator[tuple[int, list]]:
