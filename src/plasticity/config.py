@@ -186,11 +186,18 @@ class PlasticityConfig:
             "ablate (h - <h,u>*u), ablate_add (h - <h,u>*u + a*u)."
         ),
     )
-    metric: Literal["facts_logit_gap"] = field(
-        default="facts_logit_gap",
-        metadata=_doc("log p(' True') - log p(' False'), signed by the statement's label."),
+    metrics: list[Literal["facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2"]] = field(
+        default_factory=lambda: ["facts_logit_gap", "facts_accuracy"],
+        metadata=_doc(
+            "Behaviour scored per alpha; the first drives the report. facts_logit_gap: "
+            "log p(' True') - log p(' False') signed by the label; facts_accuracy: its sign; "
+            "truthfulqa_mc1/mc2: TruthfulQA by answer log-likelihood.",
+            _non_empty,
+        ),
     )
-    n_items: int = field(default=64, metadata=_doc("Statements scored per alpha.", _positive))
+    n_items: int = field(
+        default=64, metadata=_doc("Items scored per alpha, per dataset (statements, questions).", _positive)
+    )
     batch_size: int = field(default=16, metadata=_doc("Prompts per forward pass.", _positive))
     bootstrap: int = field(default=1000, metadata=_doc("Bootstrap resamples for CIs.", _positive))
     seed: int = field(default=0, metadata=_doc("Seed of item choice and bootstrap."))

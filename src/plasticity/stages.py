@@ -279,6 +279,27 @@ def _eval_items(cfg: RunConfig, train_statements: set[int]):
     return pool[: cfg.plasticity.n_items]
 
 
+def _truthfulqa_items(cfg: RunConfig):
+    from plasticity.data.truthfulqa import load_truthfulqa
+
+    items = load_truthfulqa()
+    random.Random(cfg.plasticity.seed).shuffle(items)
+    return items[: cfg.plasticity.n_items]
+
+
+def score_metrics(lm: LoadedModel, metrics: list[str], facts, questions, batch_size: int) -> dict[str, torch.Tensor]:
+    """Per-item values of each metric for the model as it is (steering hooks included)."""
+    from plasticity.steering.evaluate import facts_accuracy, facts_logit_gap, truthfulqa_mc
+
+    out: dict[str, torch.Tensor] = {}
+    if {"facts_logit_gap", "facts_accuracy"} & set(metrics):
+        gap = facts_logit_gap(lm, facts, batch_size)
+        out["facts_logit_gap"], out["facts_accuracy"] = gap, facts_accuracy(gap)
+    if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(metrics):
+        out["truthfulqa_mc1"], out["truthfulqa_mc2"] = truthfulqa_mc(lm, questions, batch_size)
+    return {m: out[m] for m in metrics}
+
+
 def plasticity_stage(
     cfg: RunConfig,
     run_id: str,
@@ -288,7 +309,7 @@ def plasticity_stage(
 ) -> StageResult:
     """Steer target model j with every source i's direction over the alpha sweep."""
     from plasticity.data.concepts import load_statements
-    from plasticity.steering.evaluate import bootstrap_ci, facts_logit_gap
+    from plasticity.steering.evaluate import bootstrap_ci
     from plasticity.steering.hooks import steer
     from plasticity.steering.prompts import contrast_pairs
 
@@ -298,7 +319,8 @@ def plasticity_stage(
     layers = plasticity_layers(cfg, lm.n_layers)
     pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
     train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
-    items = _eval_items(cfg, train_statements)
+    facts = _eval_items(cfg, train_statements)
+    questions = _truthfulqa_items(cfg) if any(m.startswith("truthfulqa") for m in p.metrics) else []
     target_vecs = load_vectors(storage, run_id, target.step, c.name).tensors
     norms = {}
     for layer in layers:
@@ -308,39 +330,42 @@ def plasticity_stage(
                 f"plasticity.layers: layer {layer} was not extracted (set concept.layers to include it)"
             )
         norms[layer] = float(target_vecs[key])
-    baseline = facts_logit_gap(lm, items, p.batch_size)
+    baseline = score_metrics(lm, p.metrics, facts, questions, p.batch_size)
     result = StageResult()
     layers_label = ",".join(str(x) for x in layers)
+    columns = (
+        "target_step", "concept", "layers", "operator", "alpha", "alpha_rel", "metric",
+        "value", "baseline", "delta", "n", "ci_low", "ci_high",
+    )
     for src in sources:
         source_file = load_vectors(storage, run_id, src.step, c.name)
         source_file.check_width(lm.d_model)
-        rows: dict[str, list] = {k: [] for k in (
-            "target_step", "concept", "layers", "operator", "alpha", "alpha_rel", "metric",
-            "value", "baseline", "delta", "n", "ci_low", "ci_high",
-        )}
+        directions = {layer: source_file.direction(p.method, layer) for layer in layers}
+        rows: dict[str, list] = {k: [] for k in columns}
         for alpha in p.alphas:
             scale = {layer: (alpha * norms[layer] if p.alpha_scale == "relative" else alpha) for layer in layers}
             if alpha == 0 and p.operator in ("add", "piecewise"):
-                values = baseline  # these operators are the identity at alpha = 0
+                scores = baseline  # these operators are the identity at alpha = 0
             else:
-                directions = {layer: source_file.direction(p.method, layer) for layer in layers}
                 with steer(lm, directions, scale, p.operator):
-                    values = facts_logit_gap(lm, items, p.batch_size)
-            delta = values - baseline
-            lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
+                    scores = score_metrics(lm, p.metrics, facts, questions, p.batch_size)
             abs_alpha = sum(scale.values()) / len(scale)
             rel_alpha = alpha if p.alpha_scale == "relative" else alpha / (sum(norms.values()) / len(norms))
-            for k, v in (
-                ("target_step", target.step), ("concept", c.name), ("layers", layers_label),
-                ("operator", p.operator), ("alpha", abs_alpha), ("alpha_rel", rel_alpha),
-                ("metric", p.metric), ("value", float(values.mean())),
-                ("baseline", float(baseline.mean())), ("delta", float(delta.mean())),
-                ("n", len(items)), ("ci_low", lo), ("ci_high", hi),
-            ):
-                rows[k].append(v)
+            for metric, values in scores.items():
+                delta = values - baseline[metric]
+                lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
+                for k, v in (
+                    ("target_step", target.step), ("concept", c.name), ("layers", layers_label),
+                    ("operator", p.operator), ("alpha", abs_alpha), ("alpha_rel", rel_alpha),
+                    ("metric", metric), ("value", float(values.mean())),
+                    ("baseline", float(baseline[metric].mean())), ("delta", float(delta.mean())),
+                    ("n", len(values)), ("ci_low", lo), ("ci_high", hi),
+                ):
+                    rows[k].append(v)
         log.info(
-            "plasticity target %d <- source %d: delta at alpha %+.2f = %+.4f",
-            target.step, src.step, p.alphas[-1], rows["delta"][-1],
+            "plasticity target %d <- source %d: %s delta at alpha %+.2f = %+.4f",
+            target.step, src.step, p.metrics[0], p.alphas[-1],
+            [d for d, m in zip(rows["delta"], rows["metric"], strict=True) if m == p.metrics[0]][-1],
         )
         result.shards.append(
             write_shard(
@@ -390,9 +415,12 @@ def vocab_stage(
 # -- report -----------------------------------------------------------------------------
 
 
-def plasticity_matrix(table) -> tuple[list[int], list[int], torch.Tensor]:
+def plasticity_matrix(table, metric: str) -> tuple[list[int], list[int], torch.Tensor]:
     """Least-squares slope of delta against alpha_rel for every (source, target)."""
-    df = table.select(["source_step", "target_step", "alpha_rel", "delta"]).to_pylist()
+    df = [
+        r for r in table.select(["source_step", "target_step", "alpha_rel", "metric", "delta"]).to_pylist()
+        if r["metric"] == metric
+    ]
     sources = sorted({r["source_step"] for r in df})
     targets = sorted({r["target_step"] for r in df})
     m = torch.full((len(sources), len(targets)), float("nan"), dtype=torch.float64)
@@ -421,7 +449,8 @@ def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -
 
     storage = Storage.from_config(cfg.storage)
     table = read_table(storage, "plasticity", run_ids=[run_id], paths=shards)
-    sources, targets, m = plasticity_matrix(table)
+    metric = cfg.plasticity.metrics[0]
+    sources, targets, m = plasticity_matrix(table, metric)
     out_dir = storage.path("runs", run_id, "report")
     csv = "source_step," + ",".join(f"target_{t}" for t in targets) + "\n"
     for i, s in enumerate(sources):
@@ -435,7 +464,7 @@ def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -
     ax.set_yticks(range(len(sources)), [str(s) for s in sources])
     ax.set_xlabel("target checkpoint step (model steered)")
     ax.set_ylabel("source checkpoint step (direction)")
-    ax.set_title(f"{cfg.concept.name}: d({cfg.plasticity.metric}) / d(alpha_rel)", fontsize=10)
+    ax.set_title(f"{cfg.concept.name}: d({metric}) / d(alpha_rel)", fontsize=10)
     for i in range(len(sources)):
         for j in range(len(targets)):
             ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=8)
@@ -451,7 +480,7 @@ def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -
     lines = [
         f"# Run {run_id}: plasticity matrix",
         "",
-        f"Slope of the change in `{cfg.plasticity.metric}` per unit `alpha_rel` when the "
+        f"Slope of the change in `{metric}` per unit `alpha_rel` when the "
         f"`{cfg.concept.name}` direction of a source checkpoint steers a target checkpoint "
         f"(layers {table.column('layers')[0].as_py()}, operator `{cfg.plasticity.operator}`).",
         "",

@@ -25,10 +25,11 @@ def _check_tables(storage: Storage, run_id: str) -> dict[str, pa.Table]:
         assert set(table.column("run_id").to_pylist()) == {run_id}
     steps = sorted(tables["checkpoints"].column("step").to_pylist())
     assert steps == [0, 5, 10]
-    n_alphas = 5
-    assert tables["plasticity"].num_rows == len(steps) ** 2 * n_alphas
+    n_alphas, n_metrics = 5, 2
+    assert tables["plasticity"].num_rows == len(steps) ** 2 * n_alphas * n_metrics
     # No duplicate keys anywhere that matters.
-    keys = [(r["source_step"], r["target_step"], r["alpha_rel"]) for r in tables["plasticity"].to_pylist()]
+    keys = [(r["source_step"], r["target_step"], r["alpha_rel"], r["metric"])
+            for r in tables["plasticity"].to_pylist()]
     assert len(keys) == len(set(keys))
     keys = [(r["checkpoint_step"], r["layer"], r["example_id"]) for r in tables["activations"].select(
         ["checkpoint_step", "layer", "example_id"]).to_pylist()]
@@ -75,7 +76,7 @@ def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
         f"'s3://{bucket}/lab/tables/plasticity/**/*.parquet', hive_partitioning = true) "
         "GROUP BY ALL"
     ).fetchall()
-    assert len(slope_rows) == 9 and {r[2] for r in slope_rows} == {5}
+    assert len(slope_rows) == 9 and {r[2] for r in slope_rows} == {10}
     assert storage.exists(storage.path("runs", run_id, "report", "plasticity_matrix.png"))
 
 

@@ -19,7 +19,8 @@ def run(tmp_path_factory):
     cfg = load_config(
         Path(__file__).resolve().parents[2] / "configs/smoke.yaml",
         [f"storage.uri=file://{root}", "train.max_steps=4", "train.snapshot_steps=[0, 4]",
-         "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24"],
+         "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24",
+         "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2]"],
     )
     refs, ft = stages.finetune_stage(cfg, "t1")
     ex = [stages.extract_stage(cfg, "t1", r) for r in refs]
@@ -113,15 +114,21 @@ def test_plasticity_grid_is_complete_and_alpha_zero_is_the_baseline(run):
     storage = Storage.from_config(cfg.storage)
     table = read_table(storage, "plasticity", ["t1"]).to_pylist()
     steps = [r.step for r in refs]
-    assert len(table) == len(steps) ** 2 * len(cfg.plasticity.alphas)
+    metrics = cfg.plasticity.metrics
+    assert len(table) == len(steps) ** 2 * len(cfg.plasticity.alphas) * len(metrics)
     assert {(r["source_step"], r["target_step"]) for r in table} == {(i, j) for i in steps for j in steps}
+    keys = [(r["source_step"], r["target_step"], r["alpha_rel"], r["metric"]) for r in table]
+    assert len(keys) == len(set(keys))
     for r in table:
         assert r["n"] == 16
         if r["alpha_rel"] == 0:
             assert r["delta"] == 0 and r["value"] == r["baseline"]
         assert r["ci_low"] <= r["delta"] <= r["ci_high"]
+        if r["metric"] in ("facts_accuracy", "truthfulqa_mc2"):
+            assert 0.0 <= r["value"] <= 1.0
     # Steering must move the metric somewhere in the grid.
-    assert max(abs(r["delta"]) for r in table) > 1e-3
+    for metric in ("facts_logit_gap", "truthfulqa_mc2"):
+        assert max(abs(r["delta"]) for r in table if r["metric"] == metric) > 1e-4, metric
 
 
 def test_vocab_topk_matches_brute_force(run):
@@ -152,7 +159,10 @@ def test_report_writes_matrix_png_and_summary(run):
     assert m.shape == (2, 2) and torch.isfinite(m).all()
     # The slope is the least-squares fit of delta on alpha_rel, checked independently.
     table = read_table(storage, "plasticity", ["t1"]).to_pylist()
-    pts = [(r["alpha_rel"], r["delta"]) for r in table if r["source_step"] == 0 and r["target_step"] == 4]
+    pts = [
+        (r["alpha_rel"], r["delta"]) for r in table
+        if r["source_step"] == 0 and r["target_step"] == 4 and r["metric"] == "facts_logit_gap"
+    ]
     import numpy as np
 
     slope, _ = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
