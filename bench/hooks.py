@@ -56,7 +56,35 @@ def main(repeats: int = 7) -> None:
             for b in batches:
                 forward(lm, b)
 
-    variants = {"bare forward": bare, "capture 12 layers": read_all, "steer 1 layer": write_one}
+    import tempfile
+
+    from plasticity.config import StorageConfig
+    from plasticity.stages import collect_last_token
+    from plasticity.storage import Storage, write_shard
+
+    tmp = tempfile.mkdtemp(prefix="plasticity-bench-")
+    storage = Storage.from_config(StorageConfig(uri=f"file://{tmp}"))
+
+    def capture_and_write():
+        # What the extract stage does: last-token states of every layer, then one
+        # activations shard per layer.
+        acts, token_index = collect_last_token(lm, prompts, layers, 32)
+        n = len(prompts)
+        for layer, h in acts.items():
+            write_shard(
+                storage, "activations", {"run_id": "bench", "checkpoint_step": 0, "layer": layer}, "x",
+                {"concept": ["honesty"] * n, "split": ["train"] * n, "example_id": list(range(n)),
+                 "pair_id": [i // 2 for i in range(n)], "label": [i % 2 for i in range(n)],
+                 "token_index": token_index.tolist(), "hidden": h.half().numpy()},
+                d_model=256,
+            )
+
+    variants = {
+        "bare forward": bare,
+        "capture 12 layers": read_all,
+        "capture + write Parquet": capture_and_write,
+        "steer 1 layer": write_one,
+    }
     for fn in variants.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -71,7 +99,10 @@ def main(repeats: int = 7) -> None:
           f"{torch.get_num_threads()} threads, median of {repeats}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:<20} {med * 1e3:8.1f} ms  {n_tokens / med:10.0f} tok/s  ratio {med / base:5.3f}x")
+        print(f"  {name:<24} {med * 1e3:8.1f} ms  {n_tokens / med:10.0f} tok/s  ratio {med / base:5.3f}x")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

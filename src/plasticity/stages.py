@@ -49,24 +49,74 @@ def vectors_path(storage: Storage, run_id: str, step: int, concept: str) -> str:
 # -- finetune ---------------------------------------------------------------------------
 
 
+def written_checkpoints(storage: Storage, run_id: str, cfg: RunConfig) -> list[CheckpointRef]:
+    """Checkpoints an earlier attempt of this run finished (each has its `checkpoints`
+    row, which is written only after the folder's SHA256SUMS), in step order."""
+    try:
+        table = read_table(storage, "checkpoints", [run_id])
+    except FileNotFoundError:
+        return []
+    from plasticity.train.checkpoint import checkpoint_path
+
+    refs = []
+    for row in sorted(table.to_pylist(), key=lambda r: r["step"]):
+        if row["step"] not in cfg.train.snapshot_steps:
+            continue
+        refs.append(
+            CheckpointRef(
+                step=row["step"], path=checkpoint_path(storage, run_id, row["step"]),
+                sha256=row["sha256"], n_params=row["n_params"], bytes=row["bytes"],
+                created_at=row["created_at"].isoformat(),
+            )
+        )
+    return refs
+
+
 def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], StageResult]:
-    """Fine-tune the configured model; write checkpoints and train metrics."""
+    """Fine-tune the configured model; write checkpoints and train metrics.
+
+    When an earlier attempt of the run wrote checkpoints, training resumes from the last
+    one (weights, optimizer state, data position and RNG states), bit for bit.
+    """
     from plasticity.data.corpus import load_corpus
+    from plasticity.train.checkpoint import (
+        local_checkpoint,
+        optimizer_from_safetensors,
+        train_state_from_safetensors,
+    )
     from plasticity.train.loop import build_optimizer, finetune, optimizer_state_bytes, pack_corpus
 
     storage = Storage.from_config(cfg.storage)
-    lm = load_model(cfg.model)
+    refs: list[CheckpointRef] = written_checkpoints(storage, run_id, cfg)
+    result = StageResult()
+    if refs and refs[-1].step == cfg.train.max_steps:
+        log.info("fine-tuning of run %s already finished (step %d)", run_id, refs[-1].step)
+        result.shards = sorted(
+            p for table in ("train_metrics", "checkpoints")
+            for p in storage.fs.glob(storage.path("tables", table, f"run_id={run_id}", "*.parquet"))
+        )
+        result.summary = {"checkpoints": [r.step for r in refs], "resumed_from": refs[-1].step}
+        return refs, result
+    resume = None
     dev = device()
-    lm.model.to(dev)
+    if refs:
+        folder = local_checkpoint(storage, refs[-1].path)
+        lm = load_model(cfg.model, folder=folder)
+        lm.model.to(dev)
+        optimizer = build_optimizer(lm.model, cfg.train)
+        optimizer_from_safetensors(optimizer, folder / "optimizer.safetensors")
+        resume = train_state_from_safetensors(folder / "trainer_state.safetensors")
+        log.info("resuming fine-tuning of run %s from step %d", run_id, resume.step)
+    else:
+        lm = load_model(cfg.model)
+        lm.model.to(dev)
+        optimizer = build_optimizer(lm.model, cfg.train)
     docs = load_corpus(cfg.data.corpus, cfg.data.text_field, cfg.data.max_documents)
     blocks = pack_corpus(docs, lm.tokenizer, cfg.data.block_size)
     log.info(
         "fine-tuning %s on %d blocks of %d tokens for %d steps (%s)",
         cfg.model.source, len(blocks), cfg.data.block_size, cfg.train.max_steps, dev,
     )
-    optimizer = build_optimizer(lm.model, cfg.train)
-    result = StageResult()
-    refs: list[CheckpointRef] = []
     pending: list[dict[str, Any]] = []
     config_dict = cfg.to_dict()
 
@@ -91,9 +141,12 @@ def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], St
             "step %d/%d loss %.4f lr %.2e", rec.step, cfg.train.max_steps, rec.loss, rec.lr
         )
 
-    def on_snapshot(step: int) -> None:
+    def on_snapshot(state) -> None:
+        step = state.step
         flush(step)
-        ref = save_checkpoint(storage, run_id, step, lm.model, lm.tokenizer, optimizer, config_dict)
+        ref = save_checkpoint(
+            storage, run_id, step, lm.model, lm.tokenizer, optimizer, config_dict, state
+        )
         refs.append(ref)
         row = {
             "step": [ref.step], "uri": [storage.full_uri(ref.path)], "sha256": [ref.sha256],
@@ -104,9 +157,17 @@ def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], St
             write_shard(storage, "checkpoints", {"run_id": run_id}, f"step={step:06d}", row)
         )
 
-    finetune(lm.model, blocks, cfg.train, optimizer, on_record, on_snapshot, dev)
+    finetune(lm.model, blocks, cfg.train, optimizer, on_record, on_snapshot, dev, resume)
     flush(cfg.train.max_steps)
-    result.summary = {"checkpoints": [r.step for r in refs]}
+    # The stage's shards, this attempt's and any earlier attempt's (deterministic names).
+    result.shards = sorted(
+        p for table in ("train_metrics", "checkpoints")
+        for p in storage.fs.glob(storage.path("tables", table, f"run_id={run_id}", "*.parquet"))
+    )
+    result.summary = {
+        "checkpoints": [r.step for r in refs],
+        "resumed_from": resume.step if resume else None,
+    }
     return refs, result
 
 
@@ -200,7 +261,7 @@ def extract_stage(
                     "concept": [c.name] * len(prompts), "split": split,
                     "example_id": list(range(len(prompts))), "pair_id": pair_ids.tolist(),
                     "label": labels.tolist(), "token_index": token_index.tolist(),
-                    "hidden": h.half().numpy().tolist(),
+                    "hidden": h.half().numpy(),
                 },
                 d_model=lm.d_model,
             )

@@ -97,3 +97,21 @@ def test_manifest_records_units_and_refuses_a_changed_config(storage):
     m.open({"train": {"lr": 1.0}, "storage": {"uri": "b"}})
     with pytest.raises(ConfigMismatchError, match=r"train.lr: 1.0 \(stored\) != 2.0 \(given\)"):
         m.open({"train": {"lr": 2.0}, "storage": {"uri": "a"}})
+
+
+def test_vector_columns_from_arrays_equal_those_from_lists(storage):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((5, 4)).astype(np.float32)
+    rows = _directions(5)
+    part = {"run_id": "r", "checkpoint_step": 0}
+    rows["vector"] = vecs.tolist()
+    write_shard(storage, "directions", part, "lists", rows, d_model=4)
+    rows["vector"] = vecs
+    write_shard(storage, "directions", {**part, "checkpoint_step": 1}, "arrays", rows, d_model=4)
+    t = read_table(storage, "directions").sort_by("checkpoint_step")
+    assert t.column("vector").to_pylist()[:5] == t.column("vector").to_pylist()[5:]
+    rows["vector"] = vecs[:, :3]
+    with pytest.raises(ValueError, match=r"expected a \(rows, 4\) array, got shape \(5, 3\)"):
+        write_shard(storage, "directions", part, "bad", rows, d_model=4)

@@ -37,7 +37,8 @@ def test_finetune_learns_and_snapshots_at_the_configured_steps():
     blocks = pack_corpus(["the cat sat on the mat"] * 40, lm.tokenizer, 16)
     cfg = TrainConfig(max_steps=12, batch_size=4, lr=3e-3, snapshot_steps=[0, 6, 12], log_every=1)
     records, snaps = [], []
-    finetune(lm.model, blocks, cfg, build_optimizer(lm.model, cfg), records.append, snaps.append)
+    finetune(lm.model, blocks, cfg, build_optimizer(lm.model, cfg), records.append,
+             lambda state: snaps.append(state.step))
     assert snaps == [0, 6, 12]
     assert [r.step for r in records] == list(range(1, 13))
     assert records[-1].loss < records[0].loss - 1.0

@@ -13,6 +13,19 @@ from plasticity.storage.fs import Storage
 from plasticity.storage.schemas import SCHEMA_VERSION, TABLES
 
 
+def _column(values: Any, tp: pa.DataType) -> pa.Array:
+    """A column from a Python list, or for fixed-size vector columns from a 2-D array
+    (built from one flat buffer, without a Python float per element)."""
+    if pa.types.is_fixed_size_list(tp) and hasattr(values, "ndim"):
+        import numpy as np
+
+        arr = np.ascontiguousarray(values, dtype=tp.value_type.to_pandas_dtype())
+        if arr.ndim != 2 or arr.shape[1] != tp.list_size:
+            raise ValueError(f"expected a (rows, {tp.list_size}) array, got shape {arr.shape}")
+        return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), tp.list_size)
+    return pa.array(values, tp)
+
+
 def shard_path(storage: Storage, table: str, partitions: dict[str, Any], name: str) -> str:
     spec = TABLES[table]
     keys = [n for n, _ in spec.partitions]
@@ -49,7 +62,7 @@ def write_shard(
         extra = set(columns) - set(schema.names)
         if extra:
             raise ValueError(f"table {table}: unknown columns {sorted(extra)}")
-        data = pa.table({k: pa.array(columns[k], schema.field(k).type) for k in schema.names})
+        data = pa.table({k: _column(columns[k], schema.field(k).type) for k in schema.names})
     buf = io.BytesIO()
     pq.write_table(data, buf, compression="zstd")
     path = shard_path(storage, table, partitions, name)

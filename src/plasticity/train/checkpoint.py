@@ -77,6 +77,50 @@ def optimizer_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> No
     save_file(tensors, str(path), metadata=meta)
 
 
+def optimizer_from_safetensors(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Restore `optimizer` from a file written by `optimizer_to_safetensors` (no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("optimizer") != type(optimizer).__name__:
+        raise ValueError(
+            f"{path} holds {meta.get('optimizer')} state, not {type(optimizer).__name__} state"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(json.loads(meta["scalars"]).items()):
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+
+
+def train_state_to_safetensors(train_state, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        "order": train_state.order.contiguous(),
+        "data_rng": train_state.data_rng.contiguous(),
+        "torch_rng": train_state.torch_rng.contiguous(),
+    }
+    meta = {k: str(getattr(train_state, k)) for k in ("step", "epoch", "cursor", "tokens_seen")}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def train_state_from_safetensors(path: str | Path):
+    from safetensors import safe_open
+
+    from plasticity.train.loop import TrainState
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        return TrainState(
+            step=int(meta["step"]), epoch=int(meta["epoch"]), cursor=int(meta["cursor"]),
+            tokens_seen=int(meta["tokens_seen"]), order=fh.get_tensor("order"),
+            data_rng=fh.get_tensor("data_rng"), torch_rng=fh.get_tensor("torch_rng"),
+        )
+
+
 def save_checkpoint(
     storage: Storage,
     run_id: str,
@@ -85,6 +129,7 @@ def save_checkpoint(
     tokenizer,
     optimizer: torch.optim.Optimizer | None,
     run_config: dict[str, Any],
+    train_state=None,
 ) -> CheckpointRef:
     dest = checkpoint_path(storage, run_id, step)
     with tempfile.TemporaryDirectory(prefix="plasticity-ckpt-") as tmp:
@@ -93,6 +138,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(local)
         if optimizer is not None:
             optimizer_to_safetensors(optimizer, local / "optimizer.safetensors")
+        if train_state is not None:
+            train_state_to_safetensors(train_state, local / "trainer_state.safetensors")
         (local / "plasticity_config.json").write_text(
             json.dumps({"step": step, "run_id": run_id, "config": run_config}, indent=2)
         )
@@ -128,10 +175,8 @@ def verify_folder(folder: Path) -> None:
             raise CorruptCheckpointError(f"checkpoint {folder}: {name} does not match {SUMS}")
 
 
-def load_checkpoint(storage: Storage, path: str, model_cfg: ModelConfig, cache: str | None = None):
-    """Fetch (if remote), verify and load a checkpoint folder; returns a LoadedModel."""
-    from plasticity.models.loading import load_model
-
+def local_checkpoint(storage: Storage, path: str, cache: str | None = None) -> Path:
+    """A verified local copy of a checkpoint folder (the folder itself when local)."""
     if storage.is_local:
         folder = Path(path)
     else:
@@ -140,4 +185,11 @@ def load_checkpoint(storage: Storage, path: str, model_cfg: ModelConfig, cache: 
         if not (folder / SUMS).is_file():
             storage.get_dir(path, folder)
     verify_folder(folder)
-    return load_model(model_cfg, folder=folder)
+    return folder
+
+
+def load_checkpoint(storage: Storage, path: str, model_cfg: ModelConfig, cache: str | None = None):
+    """Fetch (if remote), verify and load a checkpoint folder; returns a LoadedModel."""
+    from plasticity.models.loading import load_model
+
+    return load_model(model_cfg, folder=local_checkpoint(storage, path, cache))

@@ -75,33 +75,60 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer state that a resumed run needs to continue
+    exactly where it stopped: the step, the data position and the random generators."""
+
+    step: int
+    epoch: int
+    cursor: int
+    tokens_seen: int
+    order: torch.Tensor  # the current epoch's permutation of blocks
+    data_rng: torch.Tensor  # state of the generator that draws permutations
+    torch_rng: torch.Tensor  # global CPU RNG (dropout)
+
+
 def finetune(
     model: torch.nn.Module,
     blocks: torch.Tensor,
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
     on_record: Callable[[TrainRecord], None],
-    on_snapshot: Callable[[int], None],
+    on_snapshot: Callable[[TrainState], None],
     device: torch.device | str = "cpu",
+    resume: TrainState | None = None,
 ) -> None:
-    """Train for `cfg.max_steps` steps; call `on_snapshot(step)` at each snapshot step.
+    """Train up to `cfg.max_steps`; call `on_snapshot(state)` at each snapshot step.
 
     Batches are drawn from a seeded permutation of `blocks`, epoch after epoch, so a run
-    is reproducible from its config alone.
+    is reproducible from its config alone. With `resume` (and the model and optimizer
+    restored from the same snapshot) training continues bit for bit as if uninterrupted.
     """
     device = torch.device(device)
     snapshots = set(cfg.snapshot_steps)
-    if 0 in snapshots:
-        on_snapshot(0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    order = torch.randperm(len(blocks), generator=gen)
-    cursor = 0
-    epoch = 0
-    tokens_seen = 0
+    gen = torch.Generator()
+    if resume is None:
+        gen.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        order = torch.randperm(len(blocks), generator=gen)
+        cursor = epoch = tokens_seen = start = 0
+    else:
+        gen.set_state(resume.data_rng)
+        torch.set_rng_state(resume.torch_rng)
+        order, cursor, epoch = resume.order.clone(), resume.cursor, resume.epoch
+        tokens_seen, start = resume.tokens_seen, resume.step
+
+    def state(step: int) -> TrainState:
+        return TrainState(
+            step, epoch, cursor, tokens_seen, order.clone(), gen.get_state(), torch.get_rng_state()
+        )
+
+    if resume is None and 0 in snapshots:
+        on_snapshot(state(0))
     autocast = device.type == "cuda"
     model.train()
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         idx = []
         while len(idx) < cfg.batch_size:
@@ -148,6 +175,6 @@ def finetune(
             )
         if step in snapshots:
             model.eval()
-            on_snapshot(step)
+            on_snapshot(state(step))
             model.train()
     model.eval()
