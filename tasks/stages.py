@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from plasticity.config import RunConfig
-from plasticity.stages import StageResult, report_stage
+from plasticity.stages import StageResult, report_stage, similarity_stage
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest
 from plasticity.train.checkpoint import CheckpointRef
@@ -77,6 +77,8 @@ def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerS
 def report_task(cfg: RunConfig, run_id: str) -> dict:
     manifest = _manifest(cfg, run_id)
     # Only shards the manifest records as committed feed the report.
+    similarity = similarity_stage(cfg, run_id, manifest.committed_shards("directions"))
+    manifest.commit("similarity", "all", similarity.shards)
     result = report_stage(cfg, run_id, manifest.committed_shards("plasticity"))
     summary = result.summary
     key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())

@@ -499,6 +499,35 @@ def plasticity_matrix(table, metric: str) -> tuple[list[int], list[int], torch.T
     return sources, targets, m
 
 
+def direction_similarity(directions, method: str) -> dict[str, list]:
+    """Cosine between every two checkpoints' directions of one reader, per concept and layer."""
+    rows = [r for r in directions.to_pylist() if r["method"] == method]
+    out: dict[str, list] = {k: [] for k in ("concept", "layer", "step_a", "step_b", "cosine")}
+    groups: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+    for r in rows:
+        groups.setdefault((r["concept"], r["layer"]), {})[r["checkpoint_step"]] = torch.tensor(
+            r["vector"], dtype=torch.float64
+        )
+    for (concept, layer), by_step in sorted(groups.items()):
+        steps = sorted(by_step)
+        for a in steps:
+            for b in steps:
+                va, vb = by_step[a], by_step[b]
+                cos = float(va @ vb / (va.norm() * vb.norm()))
+                for k, v in (("concept", concept), ("layer", layer), ("step_a", a), ("step_b", b), ("cosine", cos)):
+                    out[k].append(v)
+    return out
+
+
+def similarity_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -> StageResult:
+    """The `direction_similarity` table of the steering reader's directions."""
+    storage = Storage.from_config(cfg.storage)
+    directions = read_table(storage, "directions", run_ids=[run_id], paths=shards)
+    rows = direction_similarity(directions, cfg.plasticity.method)
+    path = write_shard(storage, "direction_similarity", {"run_id": run_id}, cfg.concept.name, rows)
+    return StageResult(shards=[path])
+
+
 def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -> StageResult:
     """Plasticity matrix (CSV, PNG heatmap) and a Markdown summary in the run folder."""
     import io

@@ -14,7 +14,10 @@ from tests.integration.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.integration
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-TABLE_NAMES = ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk")
+TABLE_NAMES = (
+    "train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk",
+    "direction_similarity",
+)
 
 
 def _check_tables(storage: Storage, run_id: str) -> dict[str, pa.Table]:

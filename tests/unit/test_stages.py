@@ -172,7 +172,9 @@ def test_report_writes_matrix_png_and_summary(run):
 def test_table_columns_match_the_design(run):
     cfg, _, _ = run
     storage = Storage.from_config(cfg.storage)
-    for name in ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk"):
+    stages.similarity_stage(cfg, "t1")
+    for name in ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk",
+                 "direction_similarity"):
         assert read_table(storage, name, ["t1"]).column_names == TABLES[name].column_names, name
 
 
@@ -211,3 +213,19 @@ def test_one_sided_contrast_sets_are_refused(tiny_gpt2):
                        ConceptConfig(negative="an honest"), ModelConfig())
     with pytest.raises(ValueError, match="no contrast pairs"):
         contrast_pairs([Statement("Yes.", 1)], tiny_gpt2.tokenizer, ConceptConfig(), ModelConfig())
+
+
+def test_direction_similarity_is_the_cosine_of_each_pair_of_checkpoints(run):
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    stages.similarity_stage(cfg, "t1")
+    sim = read_table(storage, "direction_similarity", ["t1"]).to_pylist()
+    dirs = read_table(storage, "directions", ["t1"])
+    steps = [r.step for r in refs]
+    assert len(sim) == 4 * len(steps) ** 2  # every layer, every ordered pair
+    for r in sim:
+        a, _ = _direction(dirs, r["step_a"], r["layer"], cfg.plasticity.method)
+        b, _ = _direction(dirs, r["step_b"], r["layer"], cfg.plasticity.method)
+        assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-12)
+        if r["step_a"] == r["step_b"]:
+            assert r["cosine"] == pytest.approx(1.0, abs=1e-9)

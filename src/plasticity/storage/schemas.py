@@ -104,6 +104,14 @@ TABLES: dict[str, TableSpec] = {
             ),
         ),
         TableSpec(
+            "direction_similarity",
+            _RUN,
+            (
+                ("concept", pa.string()), ("layer", pa.int32()), ("step_a", pa.int64()),
+                ("step_b", pa.int64()), ("cosine", pa.float64()),
+            ),
+        ),
+        TableSpec(
             "vocab_topk",
             _RUN_STEP,
             (
