@@ -55,7 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run {run_id} finished")
     print(f"  manifest: {result['manifest']}")
     print(f"  plasticity heatmap: {result['png']}")
-    print(f"  tables: {cfg.storage.uri.rstrip('/')}/tables/<table>/run_id={run_id}/")
+    root = Storage.from_config(cfg.storage).uri.rstrip("/")
+    print(f"  tables: {root}/tables/<table>/run_id={run_id}/")
     return 0
 
 

@@ -68,7 +68,8 @@ class ModelConfig:
     source: str = field(
         default="tiny-gpt2",
         metadata=_doc(
-            "An offline preset (tiny-gpt2, tiny-biogpt, tiny-llama, smollm2-135m), a "
+            "An offline preset (tiny-gpt2, tiny-biogpt, tiny-llama, tiny-gpt-neox, "
+            "smollm2-135m), a "
             "local model folder, or a hub id (needs network or a filled HF cache).",
             _non_empty,
         ),

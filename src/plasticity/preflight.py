@@ -7,7 +7,7 @@ from pathlib import Path
 
 from plasticity.config import RunConfig
 
-KNOWN_LAYERS = {"tiny-gpt2": 4, "tiny-biogpt": 4, "tiny-llama": 4, "smollm2-135m": 30}
+KNOWN_LAYERS = {"tiny-gpt2": 4, "tiny-biogpt": 4, "tiny-llama": 4, "tiny-gpt-neox": 4, "smollm2-135m": 30}
 
 
 def model_n_layers(source: str) -> int | None:

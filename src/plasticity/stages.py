@@ -333,11 +333,24 @@ def _eval_items(cfg: RunConfig, train_statements: set[int]):
     from plasticity.data.concepts import load_statements
 
     statements = load_statements(cfg.concept.dataset)
-    # Prefer statements that did not feed the training pairs of the direction.
-    pool = [s for i, s in enumerate(statements) if i not in train_statements] or statements
+    # Prefer statements that did not feed the training pairs of the direction (by text:
+    # the dataset repeats some statements).
+    train_texts = {statements[i].text for i in train_statements}
+    pool = [s for s in statements if s.text not in train_texts] or statements
     rng = random.Random(cfg.plasticity.seed)
-    rng.shuffle(pool)
-    return pool[: cfg.plasticity.n_items]
+    # As many true as false statements: a shift of the model's True/False bias then
+    # cancels in the label-signed mean, which moves only with discrimination.
+    by_label = {label: [s for s in pool if s.label == label] for label in (1, 0)}
+    for group in by_label.values():
+        rng.shuffle(group)
+    half = min(cfg.plasticity.n_items // 2, len(by_label[0]), len(by_label[1]))
+    if half == 0:
+        raise ValueError(
+            f"concept.dataset {cfg.concept.dataset!r}: held-out statements of both labels are "
+            "needed to score facts metrics (and plasticity.n_items >= 2)"
+        )
+    items = [s for pair in zip(by_label[1][:half], by_label[0][:half], strict=True) for s in pair]
+    return items
 
 
 def _truthfulqa_items(cfg: RunConfig):

@@ -8,7 +8,7 @@ from plasticity.models.presets import TINY_PRESETS
 from plasticity.steering.forward import encode_left_padded, forward
 from plasticity.steering.hooks import capture, hook_name
 
-ARCH = {"tiny-gpt2": "gpt2", "tiny-biogpt": "biogpt", "tiny-llama": "llama"}
+ARCH = {"tiny-gpt2": "gpt2", "tiny-biogpt": "biogpt", "tiny-llama": "llama", "tiny-gpt-neox": "gpt_neox"}
 
 
 @pytest.fixture(scope="module", params=TINY_PRESETS)

@@ -229,3 +229,16 @@ def test_direction_similarity_is_the_cosine_of_each_pair_of_checkpoints(run):
         assert r["cosine"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-12)
         if r["step_a"] == r["step_b"]:
             assert r["cosine"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_facts_items_are_label_balanced_and_held_out():
+    from plasticity.config import config_from_dict
+
+    cfg = config_from_dict({"plasticity": {"n_items": 40}})
+    held_back = set(range(0, 100))
+    items = stages._eval_items(cfg, held_back)
+    assert len(items) == 40 and sum(s.label for s in items) == 20
+    from plasticity.data import load_statements
+
+    texts = {s.text for i, s in enumerate(load_statements()) if i in held_back}
+    assert not texts & {s.text for s in items}

@@ -18,7 +18,7 @@ class ArchitectureAdapter:
     model_type: str
     blocks: str  # dotted path of the ModuleList of decoder blocks
     final_norm: str
-    unembedding: str  # module whose .weight is (vocab, d_model)
+    unembedding: str  # module whose .weight is (vocab, d_model); "a|b" tries a, then b
 
     def _get(self, model: nn.Module, path: str) -> nn.Module:
         mod = model
@@ -39,7 +39,13 @@ class ArchitectureAdapter:
         return self._get(model, self.final_norm)
 
     def unembedding_matrix(self, model: nn.Module) -> torch.Tensor:
-        return self._get(model, self.unembedding).weight
+        # "a|b": the first path the model has (names moved between transformers versions).
+        for path in self.unembedding.split("|"):
+            try:
+                return self._get(model, path).weight
+            except AttributeError:
+                continue
+        raise AttributeError(f"{self.model_type}: no unembedding at {self.unembedding}")
 
 
 ADAPTERS = {
@@ -49,7 +55,7 @@ ADAPTERS = {
     "mistral": ArchitectureAdapter("mistral", "model.layers", "model.norm", "lm_head"),
     "qwen2": ArchitectureAdapter("qwen2", "model.layers", "model.norm", "lm_head"),
     "gpt_neox": ArchitectureAdapter(
-        "gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head|embed_out"
     ),
 }
 

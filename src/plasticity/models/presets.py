@@ -10,7 +10,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TINY_PRESETS = ("tiny-gpt2", "tiny-biogpt", "tiny-llama")
+TINY_PRESETS = ("tiny-gpt2", "tiny-biogpt", "tiny-llama", "tiny-gpt-neox")
 SMOLLM2 = "smollm2-135m"
 PRESETS = (*TINY_PRESETS, SMOLLM2)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +48,15 @@ def tiny_config(name: str):
             vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
             tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+        )
+    if name == "tiny-gpt-neox":
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=256, max_position_embeddings=512, rotary_pct=0.25,
+            use_parallel_residual=True, tie_word_embeddings=False,
+            bos_token_id=50256, eos_token_id=50256,
         )
     raise ValueError(f"unknown tiny preset {name!r}; known: {TINY_PRESETS}")
 
