@@ -444,7 +444,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError([f"--set {item!r}: {p} is not a section"])
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                [f"--set {item!r}: the value is not valid YAML ({exc.problem}); quote it, "
+                 f"e.g. {key}='\"...\"'"]
+            ) from exc
     return result
 
 

@@ -84,6 +84,8 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert config_from_dict(data).train.lr == 2e-4
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is not valid YAML.*quote it"):
+        apply_overrides({}, ["concept.template={persona} says: {prefix}"])
 
 
 def test_load_config_reports_missing_file_and_bad_yaml(tmp_path):

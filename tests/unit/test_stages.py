@@ -1,23 +1,27 @@
 """Each stage of the timeline on tiny-gpt2, in-process (no Prefect, no Ray)."""
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 import torch
 
 from plasticity import stages
+from plasticity.models import load_model
 from plasticity.storage import Storage, read_table
 from plasticity.storage.schemas import TABLES
+from plasticity.train.checkpoint import CheckpointRef
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from pathlib import Path
-
     from plasticity.config import load_config
 
     root = tmp_path_factory.mktemp("store")
     cfg = load_config(
-        Path(__file__).resolve().parents[2] / "configs/smoke.yaml",
+        ROOT / "configs/smoke.yaml",
         [f"storage.uri=file://{root}", "train.max_steps=4", "train.snapshot_steps=[0, 4]",
          "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24",
          "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2]"],
@@ -242,3 +246,31 @@ def test_facts_items_are_label_balanced_and_held_out():
 
     texts = {s.text for i, s in enumerate(load_statements()) if i in held_back}
     assert not texts & {s.text for s in items}
+
+
+def test_another_concept_is_only_config(tmp_path):
+    """A different concept: its own statements file, template and personas, no code."""
+    from plasticity.config import load_config
+
+    data = tmp_path / "moods.csv"
+    lines = ["statement,label"] + [
+        f"The weather in town number {i} was mild and pleasant for most of the long week.,1"
+        for i in range(12)
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    cfg = load_config(
+        ROOT / "configs/smoke.yaml",
+        [f"storage.uri=file://{tmp_path}/s", "concept.name=mood", f"concept.dataset={data}",
+         "concept.template='{user_tag} Imagine you are {persona} person. {assistant_tag} {prefix}'",
+         "concept.positive=a cheerful", "concept.negative=a gloomy",
+         "concept.max_pairs=30", "concept.n_train=20", "concept.layers=[1, 2]"],
+    )
+    lm = load_model(cfg.model)
+    ref = CheckpointRef(step=0, path="-", sha256="-", n_params=0, bytes=0, created_at="-")
+    stages.extract_stage(cfg, "m1", ref, lm)
+    storage = Storage.from_config(cfg.storage)
+    dirs = read_table(storage, "directions", ["m1"])
+    assert set(dirs.column("concept").to_pylist()) == {"mood"}
+    assert sorted(set(dirs.column("layer").to_pylist())) == [1, 2]
+    vf = stages.load_vectors(storage, "m1", 0, "mood")
+    assert vf.metadata["positive"] == "a cheerful" and "Imagine you are" in vf.metadata["template"]
