@@ -1,12 +1,14 @@
 """Overhead of the read (capture) and write (steer) hooks against a bare forward pass.
 
 A GPT-2-shaped model (12 layers, d=256, random init) on CPU, left-padded batches of real
-contrast prompts. The baseline is measured in the same run, interleaved with the
-variants, and the median of several repeats is reported.
+contrast prompts, tokenized once beforehand. The baseline is measured in the same run,
+interleaved with the variants in a shuffled order each repeat, and the median of the
+repeats is reported.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -28,7 +30,7 @@ def _model():
     return LoadedModel(model, tok, adapter_for(model))
 
 
-def main(repeats: int = 7) -> None:
+def main(repeats: int = 11) -> None:
     from plasticity.config import ConceptConfig, ModelConfig
     from plasticity.data import load_statements
     from plasticity.steering import capture, contrast_pairs, steer
@@ -59,16 +61,22 @@ def main(repeats: int = 7) -> None:
     import tempfile
 
     from plasticity.config import StorageConfig
-    from plasticity.stages import collect_last_token
     from plasticity.storage import Storage, write_shard
 
     tmp = tempfile.mkdtemp(prefix="plasticity-bench-")
     storage = Storage.from_config(StorageConfig(uri=f"file://{tmp}"))
 
     def capture_and_write():
-        # What the extract stage does: last-token states of every layer, then one
-        # activations shard per layer.
-        acts, token_index = collect_last_token(lm, prompts, layers, 32)
+        # What the extract stage does after tokenizing: last-token states of every
+        # layer over the same batches, then one activations shard per layer.
+        kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        with capture(lm, layers) as store:
+            for b in batches:
+                forward(lm, b)
+                for layer in layers:
+                    kept[layer].append(store[f"blocks.{layer}.out"][:, -1].float())
+        acts = {layer: torch.cat(v) for layer, v in kept.items()}
+        token_index = torch.cat([b["attention_mask"].sum(-1) - 1 for b in batches])
         n = len(prompts)
         for layer, h in acts.items():
             write_shard(
@@ -88,8 +96,12 @@ def main(repeats: int = 7) -> None:
     for fn in variants.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        rng.shuffle(order)  # no variant always runs after the same one
+        for name in order:
+            fn = variants[name]
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
