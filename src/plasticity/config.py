@@ -149,8 +149,12 @@ class ConceptConfig:
     layers: list[int] | None = field(
         default=None, metadata=_doc("Layers to read (None: every layer).", _non_negative_items)
     )
-    max_pairs: int = field(default=128, metadata=_doc("Contrast pairs in all.", _positive))
-    n_train: int = field(default=64, metadata=_doc("Pairs used to fit; the rest test.", _positive))
+    max_pairs: int | None = field(
+        default=None, metadata=_doc("Contrast pairs in all (None: every pair, as RepE).", _positive)
+    )
+    n_train: int = field(
+        default=512, metadata=_doc("The first pairs, used to fit; the rest test.", _positive)
+    )
     methods: list[Literal["pca", "mean_diff", "random"]] = field(
         default_factory=lambda: ["pca", "mean_diff", "random"],
         metadata=_doc(
@@ -383,7 +387,7 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
             f"train.warmup_steps: {t.warmup_steps} is beyond train.max_steps={t.max_steps}"
         )
     c = cfg.concept
-    if c.n_train >= c.max_pairs:
+    if c.max_pairs is not None and c.n_train >= c.max_pairs:
         errors.append(
             f"concept.n_train: must be below concept.max_pairs={c.max_pairs} so test pairs "
             f"remain, got {c.n_train}"

@@ -93,6 +93,17 @@ def test_contrast_pairs_follow_the_repe_recipe(tiny_gpt2):
     assert again == pairs
 
 
+def test_default_builds_every_pair_and_trains_on_the_first_512(tiny_gpt2):
+    cfg = ConceptConfig()
+    assert cfg.max_pairs is None and cfg.n_train == 512
+    statements = load_statements()
+    pairs = contrast_pairs(statements, tiny_gpt2.tokenizer, cfg, ModelConfig())
+    expected = sum(
+        max(0, len(tiny_gpt2.tokenizer.tokenize(s.text)) - 5) for s in statements if s.label == 1
+    )
+    assert len(pairs) == expected > 512
+
+
 def test_tags_wrap_the_instruction(tiny_gpt2):
     pairs = contrast_pairs(
         load_statements()[:1], tiny_gpt2.tokenizer, ConceptConfig(max_pairs=2, n_train=1),

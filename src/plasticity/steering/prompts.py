@@ -60,7 +60,7 @@ def contrast_pairs(
             else:
                 prompts, labels = (neg, pos), (0, 1)
             pairs.append(ContrastPair(len(pairs), s_idx, prompts, labels))
-            if len(pairs) == cfg.max_pairs:
+            if cfg.max_pairs is not None and len(pairs) == cfg.max_pairs:
                 return pairs
     if not pairs:
         raise ValueError(
