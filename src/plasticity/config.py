@@ -191,12 +191,15 @@ class PlasticityConfig:
             "ablate (h - <h,u>*u), ablate_add (h - <h,u>*u + a*u)."
         ),
     )
-    metrics: list[Literal["facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2"]] = field(
+    metrics: list[
+        Literal["facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy"]
+    ] = field(
         default_factory=lambda: ["facts_logit_gap", "facts_accuracy"],
         metadata=_doc(
             "Behaviour scored per alpha; the first drives the report. facts_logit_gap: "
             "log p(' True') - log p(' False') signed by the label; facts_accuracy: its sign; "
-            "truthfulqa_mc1/mc2: TruthfulQA by answer log-likelihood.",
+            "truthfulqa_mc1/mc2: TruthfulQA by answer log-likelihood; pubmedqa_accuracy: "
+            "PubMedQA-L test yes/no questions by log p(' yes') vs log p(' no').",
             _non_empty,
         ),
     )

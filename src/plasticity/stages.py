@@ -361,11 +361,28 @@ def _truthfulqa_items(cfg: RunConfig):
     return items[: cfg.plasticity.n_items]
 
 
-def score_metrics(lm: LoadedModel, metrics: list[str], facts, questions, batch_size: int) -> dict[str, torch.Tensor]:
+def _pubmedqa_items(cfg: RunConfig):
+    from plasticity.data.pubmedqa import load_pubmedqa
+
+    items = load_pubmedqa("test")
+    random.Random(cfg.plasticity.seed).shuffle(items)
+    return items[: cfg.plasticity.n_items]
+
+
+def score_metrics(
+    lm: LoadedModel, metrics: list[str], facts, questions, batch_size: int, pubmedqa=()
+) -> dict[str, torch.Tensor]:
     """Per-item values of each metric for the model as it is (steering hooks included)."""
-    from plasticity.steering.evaluate import facts_accuracy, facts_logit_gap, truthfulqa_mc
+    from plasticity.steering.evaluate import (
+        facts_accuracy,
+        facts_logit_gap,
+        pubmedqa_accuracy,
+        truthfulqa_mc,
+    )
 
     out: dict[str, torch.Tensor] = {}
+    if "pubmedqa_accuracy" in metrics:
+        out["pubmedqa_accuracy"] = pubmedqa_accuracy(lm, list(pubmedqa), batch_size)
     if {"facts_logit_gap", "facts_accuracy"} & set(metrics):
         gap = facts_logit_gap(lm, facts, batch_size)
         out["facts_logit_gap"], out["facts_accuracy"] = gap, facts_accuracy(gap)
@@ -395,6 +412,7 @@ def plasticity_stage(
     train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
     facts = _eval_items(cfg, train_statements)
     questions = _truthfulqa_items(cfg) if any(m.startswith("truthfulqa") for m in p.metrics) else []
+    pubmedqa = _pubmedqa_items(cfg) if "pubmedqa_accuracy" in p.metrics else []
     target_vecs = load_vectors(storage, run_id, target.step, c.name).tensors
     norms = {}
     for layer in layers:
@@ -404,7 +422,7 @@ def plasticity_stage(
                 f"plasticity.layers: layer {layer} was not extracted (set concept.layers to include it)"
             )
         norms[layer] = float(target_vecs[key])
-    baseline = score_metrics(lm, p.metrics, facts, questions, p.batch_size)
+    baseline = score_metrics(lm, p.metrics, facts, questions, p.batch_size, pubmedqa)
     result = StageResult()
     layers_label = ",".join(str(x) for x in layers)
     columns = (
@@ -422,7 +440,7 @@ def plasticity_stage(
                 scores = baseline  # these operators are the identity at alpha = 0
             else:
                 with steer(lm, directions, scale, p.operator):
-                    scores = score_metrics(lm, p.metrics, facts, questions, p.batch_size)
+                    scores = score_metrics(lm, p.metrics, facts, questions, p.batch_size, pubmedqa)
             abs_alpha = sum(scale.values()) / len(scale)
             rel_alpha = alpha if p.alpha_scale == "relative" else alpha / (sum(norms.values()) / len(norms))
             for metric, values in scores.items():

@@ -45,3 +45,30 @@ def test_mc1_and_mc2_follow_their_definitions(tiny_gpt2):
     assert mc1.tolist() == [expected_mc1, expected_mc1]
     assert float(mc2[0]) == pytest.approx(expected_mc2, rel=1e-4)
     assert 0.0 < float(mc2[0]) < 1.0
+
+
+def test_pubmedqa_test_split_is_shipped():
+    from plasticity.data.pubmedqa import MAX_CONTEXT_CHARS, load_pubmedqa
+
+    items = load_pubmedqa("test")
+    everything = load_pubmedqa("test", yes_no_only=False)
+    assert len(everything) == 500 and {i.decision for i in everything} == {"yes", "no", "maybe"}
+    assert len(items) == sum(i.decision != "maybe" for i in everything)
+    assert all(0 < len(i.context) <= MAX_CONTEXT_CHARS and i.question for i in items)
+    assert not {i.pmid for i in items} & {i.pmid for i in load_pubmedqa("train")}
+
+
+def test_pubmedqa_accuracy_matches_a_manual_computation(tiny_gpt2):
+    from plasticity.data.pubmedqa import load_pubmedqa
+    from plasticity.steering.evaluate import pubmedqa_accuracy
+
+    items = load_pubmedqa("test")[:3]
+    got = pubmedqa_accuracy(tiny_gpt2, items, batch_size=2)
+    yes, no = tiny_gpt2.tokenizer(" yes")["input_ids"][0], tiny_gpt2.tokenizer(" no")["input_ids"][0]
+    for k, item in enumerate(items):
+        prompt = f"Context: {item.context}\nQuestion: {item.question}\nAnswer (yes or no):"
+        ids = tiny_gpt2.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = tiny_gpt2.model(ids).logits[0, -1]
+        says_yes = bool(logits[yes] > logits[no])
+        assert float(got[k]) == float(says_yes == (item.decision == "yes"))

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
         ROOT / "configs/smoke.yaml",
         [f"storage.uri=file://{root}", "train.max_steps=4", "train.snapshot_steps=[0, 4]",
          "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24",
-         "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2]"],
+         "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2, pubmedqa_accuracy]"],
     )
     refs, ft = stages.finetune_stage(cfg, "t1")
     ex = [stages.extract_stage(cfg, "t1", r) for r in refs]
@@ -128,7 +128,7 @@ def test_plasticity_grid_is_complete_and_alpha_zero_is_the_baseline(run):
         if r["alpha_rel"] == 0:
             assert r["delta"] == 0 and r["value"] == r["baseline"]
         assert r["ci_low"] <= r["delta"] <= r["ci_high"]
-        if r["metric"] in ("facts_accuracy", "truthfulqa_mc2"):
+        if r["metric"] in ("facts_accuracy", "truthfulqa_mc2", "pubmedqa_accuracy"):
             assert 0.0 <= r["value"] <= 1.0
     # Steering must move the metric somewhere in the grid.
     for metric in ("facts_logit_gap", "truthfulqa_mc2"):

@@ -120,3 +120,20 @@ def truthfulqa_mc(lm: LoadedModel, items, batch_size: int = 16) -> tuple[torch.T
 def facts_accuracy(gap: torch.Tensor) -> torch.Tensor:
     """Per statement, 1 when the signed logit gap favours the right answer."""
     return (gap > 0).double()
+
+
+PUBMEDQA_PROMPT = "Context: {context}\nQuestion: {question}\nAnswer (yes or no):"
+
+
+@torch.no_grad()
+def pubmedqa_accuracy(lm: LoadedModel, items, batch_size: int = 16) -> torch.Tensor:
+    """Per yes/no question, 1 when log p(' yes') vs log p(' no') picks the expert label."""
+    yes_id, no_id = answer_token_ids(lm.tokenizer, (" yes", " no"))
+    prompts = [PUBMEDQA_PROMPT.format(context=i.context, question=i.question) for i in items]
+    out = torch.empty(len(prompts), dtype=torch.float64)
+    for start, chunk in batches(prompts, batch_size):
+        logits = forward(lm, encode_left_padded(lm, chunk)).logits[:, -1].double()
+        says_yes = (logits[:, yes_id] > logits[:, no_id]).cpu()
+        truth = torch.tensor([items[start + k].decision == "yes" for k in range(len(chunk))])
+        out[start : start + len(chunk)] = (says_yes == truth).double()
+    return out
