@@ -72,6 +72,15 @@ def written_checkpoints(storage: Storage, run_id: str, cfg: RunConfig) -> list[C
     return refs
 
 
+def _finetune_shards(storage: Storage, run_id: str) -> list[str]:
+    """Every shard of the fine-tuning stage of a run, from any attempt (the names are
+    deterministic, so a later attempt replaced, never added to, an earlier one's)."""
+    return sorted(
+        p for table in ("train_metrics", "checkpoints")
+        for p in storage.fs.glob(storage.path("tables", table, f"run_id={run_id}", "*.parquet"))
+    )
+
+
 def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], StageResult]:
     """Fine-tune the configured model; write checkpoints and train metrics.
 
@@ -91,10 +100,7 @@ def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], St
     result = StageResult()
     if refs and refs[-1].step == cfg.train.max_steps:
         log.info("fine-tuning of run %s already finished (step %d)", run_id, refs[-1].step)
-        result.shards = sorted(
-            p for table in ("train_metrics", "checkpoints")
-            for p in storage.fs.glob(storage.path("tables", table, f"run_id={run_id}", "*.parquet"))
-        )
+        result.shards = _finetune_shards(storage, run_id)
         result.summary = {"checkpoints": [r.step for r in refs], "resumed_from": refs[-1].step}
         return refs, result
     resume = None
@@ -160,10 +166,7 @@ def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], St
     finetune(lm.model, blocks, cfg.train, optimizer, on_record, on_snapshot, dev, resume)
     flush(cfg.train.max_steps)
     # The stage's shards, this attempt's and any earlier attempt's (deterministic names).
-    result.shards = sorted(
-        p for table in ("train_metrics", "checkpoints")
-        for p in storage.fs.glob(storage.path("tables", table, f"run_id={run_id}", "*.parquet"))
-    )
+    result.shards = _finetune_shards(storage, run_id)
     result.summary = {
         "checkpoints": [r.step for r in refs],
         "resumed_from": resume.step if resume else None,
@@ -353,20 +356,23 @@ def _eval_items(cfg: RunConfig, train_statements: set[int]):
     return items
 
 
+def _sample(items: list, cfg: RunConfig) -> list:
+    """`plasticity.n_items` items in a seeded random order."""
+    items = list(items)
+    random.Random(cfg.plasticity.seed).shuffle(items)
+    return items[: cfg.plasticity.n_items]
+
+
 def _truthfulqa_items(cfg: RunConfig):
     from plasticity.data.truthfulqa import load_truthfulqa
 
-    items = load_truthfulqa()
-    random.Random(cfg.plasticity.seed).shuffle(items)
-    return items[: cfg.plasticity.n_items]
+    return _sample(load_truthfulqa(), cfg)
 
 
 def _pubmedqa_items(cfg: RunConfig):
     from plasticity.data.pubmedqa import load_pubmedqa
 
-    items = load_pubmedqa("test")
-    random.Random(cfg.plasticity.seed).shuffle(items)
-    return items[: cfg.plasticity.n_items]
+    return _sample(load_pubmedqa("test"), cfg)
 
 
 def score_metrics(
