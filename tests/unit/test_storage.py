@@ -115,3 +115,17 @@ def test_vector_columns_from_arrays_equal_those_from_lists(storage):
     rows["vector"] = vecs[:, :3]
     with pytest.raises(ValueError, match=r"expected a \(rows, 4\) array, got shape \(5, 3\)"):
         write_shard(storage, "directions", part, "bad", rows, d_model=4)
+
+
+def test_a_truncated_shard_is_named_on_read(storage):
+    from plasticity.storage.shards import CorruptShardError
+
+    paths = [
+        write_shard(storage, "directions", {"run_id": "r", "checkpoint_step": s}, "h", _directions(3), d_model=4)
+        for s in (0, 1)
+    ]
+    data = storage.read_bytes(paths[1])
+    with open(paths[1], "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError, match=r"table directions: .*checkpoint_step=1/h.parquet"):
+        read_table(storage, "directions")

@@ -13,6 +13,10 @@ from plasticity.storage.fs import Storage
 from plasticity.storage.schemas import SCHEMA_VERSION, TABLES
 
 
+class CorruptShardError(RuntimeError):
+    """A shard that exists but cannot be read whole."""
+
+
 def _column(values: Any, tp: pa.DataType) -> pa.Array:
     """A column from a Python list, or for fixed-size vector columns from a 2-D array
     (built from one flat buffer, without a Python float per element)."""
@@ -97,13 +101,18 @@ def read_table(
                 paths += sorted(storage.fs.glob(posixpath.join(base, f"run_id={rid}", "**", "*.parquet")))
     if not paths:
         raise FileNotFoundError(f"table {table}: no shards under {storage.full_uri(base)}")
-    dataset = ds.dataset(
-        paths,
-        filesystem=storage.fs,
-        format="parquet",
-        partitioning=ds.partitioning(spec.partition_schema(), flavor="hive"),
-        partition_base_dir=base,
-    )
-    table = dataset.to_table()
+    try:
+        dataset = ds.dataset(
+            paths,
+            filesystem=storage.fs,
+            format="parquet",
+            partitioning=ds.partitioning(spec.partition_schema(), flavor="hive"),
+            partition_base_dir=base,
+        )
+        data = dataset.to_table()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptShardError(
+            f"table {table}: a shard cannot be read (truncated, or not Parquet): {exc}"
+        ) from exc
     # Partition columns first, as the table list documents them.
-    return table.select([n for n in spec.column_names if n in table.column_names])
+    return data.select([n for n in spec.column_names if n in data.column_names])
