@@ -53,9 +53,9 @@ def bucket(s3_server):
     return name
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The `plasticity` command in a subprocess, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "plasticity.cli", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -40,13 +42,50 @@ def _check_tables(storage: Storage, run_id: str) -> dict[str, pa.Table]:
     return tables
 
 
+# Recognisable credentials: they must show up in no output of a run.
+CANARY_KEY_ID = "AKIAPLASTICITYCANARY7"
+CANARY_SECRET = "plasticity-canary-secret-0123456789abcdef"
+
+
+def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n!r}" for n in needles if n in data]
+    return hits
+
+
 def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
     run_id = "s3-smoke"
     uri = f"s3://{bucket}/lab"
+    ray_logs = Path("/tmp/ray")
+    before = set(ray_logs.glob("session_2*")) if ray_logs.exists() else set()
     out = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", run_id,
-                  "--set", f"storage.endpoint_url={s3_server}")
+                  "--set", f"storage.endpoint_url={s3_server}",
+                  env={"AWS_ACCESS_KEY_ID": CANARY_KEY_ID, "AWS_SECRET_ACCESS_KEY": CANARY_SECRET})
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"run {run_id} finished" in out.stdout
+
+    # The credentials appear in no log, manifest, artefact or table of the run: not in
+    # its output, not in any object it stored, not in Prefect's database (logs and
+    # artefacts), not in the Ray session's logs.
+    needles = [CANARY_KEY_ID.encode(), CANARY_SECRET.encode()]
+    assert not [n for n in needles if n.decode() in out.stdout + out.stderr]
+    storage_check = Storage.from_config(StorageConfig(uri=uri, endpoint_url=s3_server))
+    stored = storage_check.fs.find(f"{bucket}/lab")
+    assert stored and not [p for p in stored for n in needles if n in storage_check.fs.cat_file(p)]
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    assert _files_containing(prefect_home, needles) == []
+    sessions = (set(ray_logs.glob("session_2*")) if ray_logs.exists() else set()) - before
+    for session in sessions:
+        assert _files_containing(session, needles) == []
+    # Positive controls: the places searched do hold this run's logs.
+    assert _files_containing(prefect_home, [f"timeline {run_id}".encode()])
+    assert sessions and any(_files_containing(s, [b"fine-tuning tiny-gpt2"]) for s in sessions)
 
     storage = Storage.from_config(StorageConfig(uri=uri, endpoint_url=s3_server))
     tables = _check_tables(storage, run_id)
