@@ -22,6 +22,18 @@ def answer_token_ids(tokenizer, answers: tuple[str, str] = (" True", " False")) 
 
 
 @torch.no_grad()
+def answer_log_odds(
+    lm: LoadedModel, prompts: list[str], answers: tuple[str, str], batch_size: int = 16
+) -> torch.Tensor:
+    """Per prompt, log p(answers[0]) - log p(answers[1]) for the next token."""
+    a_id, b_id = answer_token_ids(lm.tokenizer, answers)
+    out = torch.empty(len(prompts), dtype=torch.float64)
+    for start, chunk in batches(prompts, batch_size):
+        logp = torch.log_softmax(forward(lm, encode_left_padded(lm, chunk)).logits[:, -1].double(), -1)
+        out[start : start + len(chunk)] = (logp[:, a_id] - logp[:, b_id]).cpu()
+    return out
+
+
 def facts_logit_gap(
     lm: LoadedModel, statements: list[Statement], batch_size: int = 16
 ) -> torch.Tensor:
@@ -30,15 +42,9 @@ def facts_logit_gap(
 
     Steering, if any, comes from hooks the caller holds open around this call.
     """
-    true_id, false_id = answer_token_ids(lm.tokenizer)
     prompts = [FACTS_PROMPT.format(statement=s.text) for s in statements]
     signs = torch.tensor([1.0 if s.label == 1 else -1.0 for s in statements], dtype=torch.float64)
-    out = torch.empty(len(prompts), dtype=torch.float64)
-    for start, chunk in batches(prompts, batch_size):
-        logits = forward(lm, encode_left_padded(lm, chunk)).logits[:, -1].double()
-        logp = torch.log_softmax(logits, dim=-1)
-        out[start : start + len(chunk)] = (logp[:, true_id] - logp[:, false_id]).cpu()
-    return out * signs
+    return answer_log_odds(lm, prompts, (" True", " False"), batch_size) * signs
 
 
 def bootstrap_ci(
@@ -125,15 +131,9 @@ def facts_accuracy(gap: torch.Tensor) -> torch.Tensor:
 PUBMEDQA_PROMPT = "Context: {context}\nQuestion: {question}\nAnswer (yes or no):"
 
 
-@torch.no_grad()
 def pubmedqa_accuracy(lm: LoadedModel, items, batch_size: int = 16) -> torch.Tensor:
     """Per yes/no question, 1 when log p(' yes') vs log p(' no') picks the expert label."""
-    yes_id, no_id = answer_token_ids(lm.tokenizer, (" yes", " no"))
     prompts = [PUBMEDQA_PROMPT.format(context=i.context, question=i.question) for i in items]
-    out = torch.empty(len(prompts), dtype=torch.float64)
-    for start, chunk in batches(prompts, batch_size):
-        logits = forward(lm, encode_left_padded(lm, chunk)).logits[:, -1].double()
-        says_yes = (logits[:, yes_id] > logits[:, no_id]).cpu()
-        truth = torch.tensor([items[start + k].decision == "yes" for k in range(len(chunk))])
-        out[start : start + len(chunk)] = (says_yes == truth).double()
-    return out
+    says_yes = answer_log_odds(lm, prompts, (" yes", " no"), batch_size) > 0
+    truth = torch.tensor([i.decision == "yes" for i in items])
+    return (says_yes == truth).double()
