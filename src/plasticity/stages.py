@@ -20,7 +20,7 @@ import torch
 from plasticity.config import RunConfig
 from plasticity.models.loading import LoadedModel, load_model
 from plasticity.storage.fs import Storage
-from plasticity.storage.shards import read_table, write_shard
+from plasticity.storage.shards import Rows, read_table, write_shard
 from plasticity.train.checkpoint import CheckpointRef, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def collect_last_token(
 def extract_stage(
     cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None
 ) -> StageResult:
-    """Honesty contrast activations -> a mean-difference direction per layer."""
+    """Honesty contrast activations -> one direction per reader and layer."""
     from safetensors.torch import save as save_safetensors
 
     from plasticity.data.concepts import load_statements
@@ -249,10 +249,7 @@ def extract_stage(
     first_idx, second_idx = torch.arange(0, 2 * n_pairs, 2), torch.arange(1, 2 * n_pairs, 2)
     result = StageResult()
     part = {"run_id": run_id, "checkpoint_step": ckpt.step}
-    rows: dict[str, list] = {k: [] for k in (
-        "concept", "layer", "method", "sign", "explained_variance", "detection_accuracy",
-        "residual_norm", "vector",
-    )}
+    rows = Rows("directions")
     tensors: dict[str, torch.Tensor] = {}
     tr, te = slice(0, c.n_train), slice(c.n_train, n_pairs)
     for layer in layers:
@@ -283,15 +280,16 @@ def extract_stage(
             # Sign by vote: the positive member should project higher in most training pairs.
             sign = vote_sign(direction, pos[tr], neg[tr])
             direction = direction * sign
-            for k, v in (
-                ("concept", c.name), ("layer", layer), ("method", method), ("sign", sign),
-                ("explained_variance", explained_variance(direction, first, second)),
-                ("detection_accuracy", detection_accuracy(direction, pos[te], neg[te])),
-                ("residual_norm", residual_norm), ("vector", direction.numpy().tolist()),
-            ):
-                rows[k].append(v)
+            rows.add(
+                concept=c.name, layer=layer, method=method, sign=sign,
+                explained_variance=explained_variance(direction, first, second),
+                detection_accuracy=detection_accuracy(direction, pos[te], neg[te]),
+                residual_norm=residual_norm, vector=direction.numpy().tolist(),
+            )
             tensors[f"{method}.{layer}"] = direction.contiguous()
-    result.shards.append(write_shard(storage, "directions", part, c.name, rows, d_model=lm.d_model))
+    result.shards.append(
+        write_shard(storage, "directions", part, c.name, rows.columns, d_model=lm.d_model)
+    )
     from plasticity.data.concepts import resolve_dataset
     from plasticity.train.checkpoint import sha256_file
 
@@ -312,7 +310,10 @@ def extract_stage(
         "step": ckpt.step,
         "detection_accuracy": {
             f"{m}.{layer}": acc
-            for m, layer, acc in zip(rows["method"], rows["layer"], rows["detection_accuracy"], strict=True)
+            for m, layer, acc in zip(
+                rows.columns["method"], rows.columns["layer"], rows.columns["detection_accuracy"],
+                strict=True,
+            )
         },
     }
     log.info("extract step %d: %d pairs, %d layers", ckpt.step, n_pairs, len(layers))
@@ -431,15 +432,11 @@ def plasticity_stage(
     baseline = score_metrics(lm, p.metrics, facts, questions, p.batch_size, pubmedqa)
     result = StageResult()
     layers_label = ",".join(str(x) for x in layers)
-    columns = (
-        "target_step", "concept", "layers", "operator", "alpha", "alpha_rel", "metric",
-        "value", "baseline", "delta", "n", "ci_low", "ci_high",
-    )
     for src in sources:
         source_file = load_vectors(storage, run_id, src.step, c.name)
         source_file.check_width(lm.d_model)
         directions = {layer: source_file.direction(p.method, layer) for layer in layers}
-        rows: dict[str, list] = {k: [] for k in columns}
+        rows = Rows("plasticity")
         for alpha in p.alphas:
             scale = {layer: (alpha * norms[layer] if p.alpha_scale == "relative" else alpha) for layer in layers}
             if alpha == 0 and p.operator in ("add", "piecewise"):
@@ -452,23 +449,22 @@ def plasticity_stage(
             for metric, values in scores.items():
                 delta = values - baseline[metric]
                 lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
-                for k, v in (
-                    ("target_step", target.step), ("concept", c.name), ("layers", layers_label),
-                    ("operator", p.operator), ("alpha", abs_alpha), ("alpha_rel", rel_alpha),
-                    ("metric", metric), ("value", float(values.mean())),
-                    ("baseline", float(baseline[metric].mean())), ("delta", float(delta.mean())),
-                    ("n", len(values)), ("ci_low", lo), ("ci_high", hi),
-                ):
-                    rows[k].append(v)
+                rows.add(
+                    target_step=target.step, concept=c.name, layers=layers_label,
+                    operator=p.operator, alpha=abs_alpha, alpha_rel=rel_alpha, metric=metric,
+                    value=float(values.mean()), baseline=float(baseline[metric].mean()),
+                    delta=float(delta.mean()), n=len(values), ci_low=lo, ci_high=hi,
+                )
         log.info(
             "plasticity target %d <- source %d: %s delta at alpha %+.2f = %+.4f",
             target.step, src.step, p.metrics[0], p.alphas[-1],
-            [d for d, m in zip(rows["delta"], rows["metric"], strict=True) if m == p.metrics[0]][-1],
+            [d for d, m in zip(rows.columns["delta"], rows.columns["metric"], strict=True)
+             if m == p.metrics[0]][-1],
         )
         result.shards.append(
             write_shard(
                 storage, "plasticity", {"run_id": run_id, "source_step": src.step},
-                f"target={target.step:06d}-{c.name}", rows,
+                f"target={target.step:06d}-{c.name}", rows.columns,
             )
         )
     log.info("plasticity target %d: %d sources x %d alphas", target.step, len(sources), len(p.alphas))
@@ -489,23 +485,20 @@ def vocab_stage(
     c = cfg.concept
     vecs = load_vectors(storage, run_id, ckpt.step, c.name).tensors
     unembed = lm.adapter.unembedding_matrix(lm.model).detach()
-    rows: dict[str, list] = {k: [] for k in (
-        "object", "variant", "layer", "head", "index", "sign", "rank", "token_id", "token", "score",
-    )}
+    rows = Rows("vocab_topk")
     # The reader whose direction steers in the plasticity grid.
     method = cfg.plasticity.method
     for key in sorted(k for k in vecs if k.startswith(f"{method}.")):
         layer = int(key.split(".")[1])
         for ts in topk_tokens(unembed, vecs[key], cfg.vocab.top_k):
-            for k, v in (
-                ("object", "direction"), ("variant", "raw"), ("layer", layer), ("head", None),
-                ("index", 0), ("sign", ts.sign), ("rank", ts.rank), ("token_id", ts.token_id),
-                ("token", lm.tokenizer.decode([ts.token_id])), ("score", ts.score),
-            ):
-                rows[k].append(v)
+            rows.add(
+                object="direction", variant="raw", layer=layer, head=None, index=0,
+                sign=ts.sign, rank=ts.rank, token_id=ts.token_id,
+                token=lm.tokenizer.decode([ts.token_id]), score=ts.score,
+            )
     path = write_shard(
         storage, "vocab_topk", {"run_id": run_id, "checkpoint_step": ckpt.step},
-        f"{c.name}-direction-{method}", rows,
+        f"{c.name}-direction-{method}", rows.columns,
     )
     return StageResult(shards=[path])
 
@@ -539,7 +532,7 @@ def plasticity_matrix(table, metric: str) -> tuple[list[int], list[int], torch.T
 def direction_similarity(directions, method: str) -> dict[str, list]:
     """Cosine between every two checkpoints' directions of one reader, per concept and layer."""
     rows = [r for r in directions.to_pylist() if r["method"] == method]
-    out: dict[str, list] = {k: [] for k in ("concept", "layer", "step_a", "step_b", "cosine")}
+    out = Rows("direction_similarity")
     groups: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     for r in rows:
         groups.setdefault((r["concept"], r["layer"]), {})[r["checkpoint_step"]] = torch.tensor(
@@ -551,9 +544,8 @@ def direction_similarity(directions, method: str) -> dict[str, list]:
             for b in steps:
                 va, vb = by_step[a], by_step[b]
                 cos = float(va @ vb / (va.norm() * vb.norm()))
-                for k, v in (("concept", concept), ("layer", layer), ("step_a", a), ("step_b", b), ("cosine", cos)):
-                    out[k].append(v)
-    return out
+                out.add(concept=concept, layer=layer, step_a=a, step_b=b, cosine=cos)
+    return out.columns
 
 
 def similarity_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -> StageResult:

@@ -129,3 +129,13 @@ def test_a_truncated_shard_is_named_on_read(storage):
         fh.write(data[: len(data) // 2])
     with pytest.raises(CorruptShardError, match=r"table directions: .*checkpoint_step=1/h.parquet"):
         read_table(storage, "directions")
+
+
+def test_rows_take_their_columns_from_the_schema():
+    from plasticity.storage import Rows
+
+    rows = Rows("direction_similarity")
+    rows.add(concept="h", layer=1, step_a=0, step_b=5, cosine=0.5)
+    assert rows.columns == {"concept": ["h"], "layer": [1], "step_a": [0], "step_b": [5], "cosine": [0.5]}
+    with pytest.raises(ValueError, match=r"row missing \['cosine'\], unknown \['cos'\]"):
+        rows.add(concept="h", layer=1, step_a=0, step_b=5, cos=0.5)

@@ -3,6 +3,6 @@
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest
 from plasticity.storage.schemas import TABLES, TableSpec
-from plasticity.storage.shards import read_table, write_shard
+from plasticity.storage.shards import Rows, read_table, write_shard
 
-__all__ = ["Storage", "Manifest", "TABLES", "TableSpec", "read_table", "write_shard"]
+__all__ = ["Storage", "Manifest", "TABLES", "TableSpec", "Rows", "read_table", "write_shard"]

@@ -30,6 +30,25 @@ def _column(values: Any, tp: pa.DataType) -> pa.Array:
     return pa.array(values, tp)
 
 
+class Rows:
+    """Column lists of one table's rows, with the columns taken from its schema.
+
+    `add(**values)` must name every column, so a row cannot silently miss one.
+    """
+
+    def __init__(self, table: str):
+        self.table = table
+        self.columns: dict[str, list] = {name: [] for name, _ in TABLES[table].columns}
+
+    def add(self, **values: Any) -> None:
+        if values.keys() != self.columns.keys():
+            missing = sorted(self.columns.keys() - values.keys())
+            extra = sorted(values.keys() - self.columns.keys())
+            raise ValueError(f"table {self.table}: row missing {missing}, unknown {extra}")
+        for name, value in values.items():
+            self.columns[name].append(value)
+
+
 def shard_path(storage: Storage, table: str, partitions: dict[str, Any], name: str) -> str:
     spec = TABLES[table]
     keys = [n for n, _ in spec.partitions]
