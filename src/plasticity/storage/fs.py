@@ -16,6 +16,48 @@ from typing import Any
 from plasticity.config import StorageConfig
 
 
+class StorageAccessError(OSError):
+    """The storage root cannot be used: a missing bucket, refused credentials, an
+    endpoint that cannot be reached, or a folder that cannot be written."""
+
+
+# S3 error codes that mean the credentials themselves were refused.
+_CREDENTIAL_CODES = (
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+    "InvalidClientTokenId", "TokenRefreshRequired",
+)
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of `exc` or of an exception in its cause chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code:
+                return str(code)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+             "ConnectionError", "ClientConnectorError", "ServerDisconnectedError")
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionError | TimeoutError) or any(
+            n in c.__name__ for c in type(cur).__mro__ for n in names
+        ):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _split_uri(uri: str) -> tuple[str, str]:
     if "://" not in uri:
         raise ValueError(f"storage uri {uri!r}: expected file://PATH or s3://bucket/prefix")
@@ -73,15 +115,61 @@ class Storage:
         return f"{scheme}://{path}"
 
     def check_writable(self) -> None:
-        """Fail early, with the cause, when the root cannot be written."""
+        """Fail early, with the cause, when the root cannot be written.
+
+        Writes and removes one small probe object. On S3 the probe runs with short
+        timeouts and few retries, and the failure is named: a missing bucket, refused
+        credentials, or an endpoint that cannot be reached (`StorageAccessError`).
+        """
         probe = self.path(f"_probe-{uuid.uuid4().hex}")
+        fs = self.fs
+        if self.uri.startswith("s3://"):
+            fs = type(self.fs)(
+                client_kwargs=dict(self.fs.client_kwargs),
+                config_kwargs={
+                    "connect_timeout": 5, "read_timeout": 10,
+                    "retries": {"max_attempts": 2, "mode": "standard"},
+                },
+                retries=2,
+                skip_instance_cache=True,
+            )
         try:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
+            fs.pipe_file(probe, b"ok")
+            fs.rm_file(probe)
         except Exception as exc:
-            raise OSError(f"storage {self.uri} is not writable: {exc}") from exc
+            raise StorageAccessError(self._explain(exc)) from exc
+
+    def _explain(self, exc: BaseException) -> str:
+        """A message that names the failing part of the storage settings (never a secret)."""
+        if not self.uri.startswith("s3://"):
+            return f"storage.uri: {self.uri} is not writable: {exc}"
+        code = _s3_error_code(exc)
+        bucket = self.root.split("/", 1)[0]
+        endpoint = self.fs.client_kwargs.get("endpoint_url") or "AWS S3"
+        if code == "NoSuchBucket":
+            return (
+                f"storage.uri: bucket {bucket!r} does not exist at {endpoint} (check the "
+                "name in storage.uri, or create the bucket first)"
+            )
+        if code in _CREDENTIAL_CODES:
+            return (
+                f"storage credentials: {endpoint} refused them ({code}) for bucket "
+                f"{bucket!r}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                "in the environment of every process of the run (never in a config file)"
+            )
+        if code == "AccessDenied":
+            return (
+                f"storage.uri: access to bucket {bucket!r} at {endpoint} is denied (AccessDenied): "
+                "the credentials lack s3:PutObject/s3:DeleteObject there"
+            )
+        if _is_connection_error(exc):
+            return (
+                f"storage.endpoint_url: cannot reach {endpoint} for {self.uri}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+        return f"storage.uri: {self.uri} is not writable: {type(exc).__name__}: {exc}"
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Make `path` appear whole or not at all (rename locally, one PUT on S3)."""

@@ -1,15 +1,20 @@
 """The run manifest: resolved config, versions, and each stage's committed shards.
 
 Only the orchestrating process writes it (workers return the shards they wrote), so a
-process-wide lock is enough to keep read-modify-write updates whole.
+process-wide lock is enough to keep read-modify-write updates whole. `RunLock` keeps a
+second attempt of the same run (another process or machine) from running alongside.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import posixpath
 import subprocess
 import threading
+import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 from plasticity.storage.fs import Storage
 from plasticity.storage.schemas import SCHEMA_VERSION
 
+log = logging.getLogger(__name__)
 _LOCK = threading.RLock()
 PACKAGES = ("plasticity", "torch", "transformers", "safetensors", "pyarrow", "prefect", "ray", "s3fs")
 
@@ -155,3 +161,222 @@ class Manifest:
         if table is not None:
             out = [p for p in out if f"/tables/{table}/" in p]
         return sorted(out)
+
+
+# -- the run lock ---------------------------------------------------------------------
+
+
+class RunLockedError(RuntimeError):
+    """Another live attempt holds the run's lock."""
+
+
+def _owner() -> dict[str, Any]:
+    import getpass
+    import os
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in some containers
+        user = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "user": user}
+
+
+class RunLock:
+    """One live attempt per run id: `runs/<run_id>/lock.json` in the run's storage.
+
+    The lock file names its owner (host, pid, user) and carries a heartbeat time that
+    the owner refreshes every `stale_after / 10` seconds from a background thread. A
+    lock whose heartbeat is older than `stale_after` belongs to a crashed attempt and is
+    taken over; a live one makes `acquire` raise `RunLockedError` with the owner, the
+    heartbeat's age and how to break it. The file is created exclusively (O_EXCL on a
+    local folder, a conditional PUT with If-None-Match on S3), so two attempts that start
+    together cannot both win. Clocks of the machines are assumed to agree (NTP).
+    """
+
+    FILE = "lock.json"
+
+    def __init__(self, storage: Storage, run_id: str, stale_after: float = 600.0):
+        if stale_after <= 0:
+            raise ValueError(f"stale_after: expected a positive number of seconds, got {stale_after}")
+        self.storage = storage
+        self.run_id = run_id
+        self.stale_after = float(stale_after)
+        self.path = storage.path("runs", run_id, self.FILE)
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- file operations ---------------------------------------------------------------
+
+    def _payload(self, acquired_at: str | None = None) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "run_id": self.run_id, "token": self.token, "owner": _owner(),
+                "acquired_at": acquired_at or now_iso(), "heartbeat_at": now,
+                "heartbeat_iso": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
+                "stale_after_s": self.stale_after,
+            },
+            indent=2, sort_keys=True,
+        ).encode()
+
+    def _create(self) -> bool:
+        """Create the lock file if there is none; False when one exists."""
+        return self._create_exclusive(self.path, self._payload())
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write `path` whole unless it exists; False when it does."""
+        if self.storage.is_local:
+            import os
+
+            # Written whole under a private name, then linked: the link appears atomically
+            # with its content, and fails when the file exists.
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.new-{self.token}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+            return True
+        if self.storage.uri.startswith("s3://"):
+            try:
+                self.storage.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        if self.storage.exists(path):  # other filesystems: best effort
+            return False
+        self.storage.write_bytes(path, data)
+        return True
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign file: treat as stale
+            return {"heartbeat_at": 0.0, "owner": {}, "token": None}
+
+    def _remove(self) -> None:
+        try:
+            self.storage.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _take_over(self, stale: dict[str, Any]) -> bool:
+        """Replace a stale lock; of several takers of the same stale lock, one succeeds.
+
+        A taker first creates `lock.json.takeover-<stale token>` exclusively; only its
+        creator may replace the stale file, and only while the file still holds that
+        token (a taker that arrives late finds a new token and gives up)."""
+        marker = f"{self.path}.takeover-{stale.get('token')}"
+        if not self._create_exclusive(marker, self.token.encode()):
+            return False
+        try:
+            current = self.read()
+            if current is None or current.get("token") != stale.get("token"):
+                return False
+            self._remove()
+            return self._create()
+        finally:
+            try:
+                self.storage.fs.rm_file(marker)
+            except FileNotFoundError:
+                pass
+
+    # -- public ------------------------------------------------------------------------
+
+    def describe(self, data: dict[str, Any]) -> str:
+        owner = data.get("owner") or {}
+        age = time.time() - float(data.get("heartbeat_at") or 0.0)
+        return (
+            f"host {owner.get('host')}, pid {owner.get('pid')}, user {owner.get('user')}, "
+            f"acquired {data.get('acquired_at')}, last heartbeat {age:.0f} s ago"
+        )
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise `RunLockedError` when a live attempt holds it."""
+        for _ in range(3):
+            if self._create():
+                self.held = True
+                log.info("run %s: lock taken (%s)", self.run_id, self.storage.full_uri(self.path))
+                return self
+            data = self.read()
+            if data is None:
+                continue  # released meanwhile; try again
+            age = time.time() - float(data.get("heartbeat_at") or 0.0)
+            if age < self.stale_after:
+                uri = self.storage.full_uri(self.path)
+                raise RunLockedError(
+                    f"run {self.run_id} is already running ({self.describe(data)}). Wait for "
+                    f"it to finish. If that attempt crashed, its lock is stale after "
+                    f"{self.stale_after:.0f} s without a heartbeat (storage.lock_stale_s), "
+                    f"{max(0.0, self.stale_after - age):.0f} s from now, and is then taken "
+                    f"over; to break it at once, make sure no process of the run is alive "
+                    f"and delete {uri}"
+                )
+            log.warning(
+                "run %s: taking over a stale lock (%s)", self.run_id, self.describe(data)
+            )
+            if self._take_over(data):
+                self.held = True
+                return self
+        raise RunLockedError(f"run {self.run_id}: another attempt took the lock at the same time")
+
+    def heartbeat(self) -> bool:
+        """Refresh the heartbeat; False (and `lost`) when another attempt took the lock."""
+        data = self.read()
+        if data is None or data.get("token") != self.token:
+            self.lost = True
+            log.error(
+                "run %s: lost its lock to another attempt (%s)",
+                self.run_id, self.describe(data) if data else "lock removed",
+            )
+            return False
+        self.storage.write_bytes(self.path, self._payload(data.get("acquired_at")))
+        return True
+
+    def _beat(self) -> None:
+        interval = self.stale_after / 10
+        while not self._stop.wait(interval):
+            try:
+                if not self.heartbeat():
+                    return
+            except Exception as exc:  # storage briefly unreachable: try again next time
+                log.warning("run %s: lock heartbeat failed: %s", self.run_id, exc)
+
+    def start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"lock-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if not self.held:
+            return
+        self.held = False
+        try:
+            data = self.read()
+            if data is not None and data.get("token") == self.token:
+                self._remove()
+        except Exception as exc:  # the lock then goes stale on its own
+            log.warning("run %s: could not remove its lock: %s", self.run_id, exc)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        self.start_heartbeat()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
