@@ -258,6 +258,14 @@ class RunConfig:
     name: str = field(default="run", metadata=_doc("A label for the run.", _non_empty))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lock_stale_s: float = field(
+        default=600.0,
+        metadata=_doc(
+            "A run's lock whose heartbeat is older than this many seconds is stale (its "
+            "owner crashed) and is taken over; the owner refreshes it every tenth of that.",
+            _positive,
+        ),
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
@@ -283,6 +291,29 @@ def _type_name(tp: Any) -> str:
         (item,) = typing.get_args(tp)
         return f"a list of {_type_name(item)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+    gpu_resource: str = field(
+        default="GPU",
+        metadata=_doc(
+            "The Ray resource that train_gpus and eval_gpus request when the cluster has it: "
+            "GPU, or a custom resource that marks accelerator nodes.",
+            _non_empty,
+        ),
+    )
+    actor_restarts: int = field(
+        default=2,
+        metadata=_doc(
+            "How often Ray restarts a stage actor that died (its node lost) and retries the "
+            "call it was running; bounded, then the stage fails.",
+            _non_negative,
+        ),
+    )
+    working_dir: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Folder shipped to a remote Ray cluster as the runtime_env working_dir (None: "
+            "the cluster's image has the project installed). Never for local Ray.",
+        ),
+    )
         tp, getattr(tp, "__name__", str(tp))
     )
 
