@@ -56,6 +56,25 @@ def _non_negative_items(v: Any) -> str | None:
     return f"expected values >= 0, got {bad}" if bad else None
 
 
+def _layer_sets(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not v:
+        return "expected a non-empty list of layers (or of layer lists)"
+    sets = v if isinstance(v[0], list) else [v]
+    if any(not s for s in sets):
+        return "expected every layer set to be non-empty"
+    bad = [x for s in sets for x in s if x < 0]
+    return f"expected layers >= 0, got {bad}" if bad else None
+
+
+def layer_sets(layers: list[int] | list[list[int]] | None) -> list[list[int]] | None:
+    """`plasticity.layers` as a list of layer sets (None stays None: the middle layer)."""
+    if layers is None:
+        return None
+    return [list(s) for s in layers] if isinstance(layers[0], list) else [list(layers)]
+
+
 def _doc(text: str, check=None) -> dict:
     return {"doc": text, "check": check}
 
@@ -169,9 +188,13 @@ class ConceptConfig:
 
 @dataclass
 class PlasticityConfig:
-    layers: list[int] | None = field(
+    layers: list[int] | list[list[int]] | None = field(
         default=None,
-        metadata=_doc("Layers steered together (None: the middle layer).", _non_negative_items),
+        metadata=_doc(
+            "Layers steered together, e.g. [15]; a list of lists ([[12], [15], [12, 15, 18]]) "
+            "sweeps each layer set separately (None: the middle layer).",
+            _layer_sets,
+        ),
     )
     alphas: list[float] = field(
         default_factory=lambda: [-0.5, -0.25, 0.0, 0.25, 0.5],
@@ -184,11 +207,20 @@ class PlasticityConfig:
     method: Literal["pca", "mean_diff", "random"] = field(
         default="pca", metadata=_doc("Which reader's direction steers (one of concept.methods).")
     )
-    operator: Literal["add", "piecewise", "ablate", "ablate_add"] = field(
-        default="add",
+    operators: list[Literal["add", "piecewise", "ablate", "ablate_add"]] = field(
+        default_factory=lambda: ["add"],
         metadata=_doc(
-            "Steering operator: add (h + a*u), piecewise (h + sign(<h,u>)*a*u), "
-            "ablate (h - <h,u>*u), ablate_add (h - <h,u>*u + a*u)."
+            "Steering operators, each swept: add (h + a*u), piecewise (h + sign(<h,u>)*a*u), "
+            "ablate (h - <h,u>*u), ablate_add (h - <h,u>*u + a*u).",
+            _non_empty,
+        ),
+    )
+    null_seeds: int = field(
+        default=2,
+        metadata=_doc(
+            "Random directions swept on every target as a null (same alphas, so the same "
+            "norm as the concept direction); 0: none.",
+            _non_negative,
         ),
     )
     metrics: list[
@@ -226,6 +258,14 @@ class StorageConfig:
         default=None, metadata=_doc("S3-compatible endpoint (MinIO, a local S3 server).")
     )
     region: str | None = field(default=None, metadata=_doc("S3 region."))
+    lock_stale_s: float = field(
+        default=600.0,
+        metadata=_doc(
+            "A run's lock whose heartbeat is older than this many seconds is stale (its "
+            "owner crashed) and is taken over; the owner refreshes it every tenth of that.",
+            _positive,
+        ),
+    )
 
 
 @dataclass
@@ -251,6 +291,29 @@ class ComputeConfig:
     train_gpus: float = field(
         default=1.0, metadata=_doc("GPUs of the fine-tuning actor on GPU clusters.", _positive)
     )
+    gpu_resource: str = field(
+        default="GPU",
+        metadata=_doc(
+            "The Ray resource that train_gpus and eval_gpus request when the cluster has it: "
+            "GPU, or a custom resource that marks accelerator nodes.",
+            _non_empty,
+        ),
+    )
+    actor_restarts: int = field(
+        default=2,
+        metadata=_doc(
+            "How often Ray restarts a stage actor that died (its node lost) and retries the "
+            "call it was running; bounded, then the stage fails.",
+            _non_negative,
+        ),
+    )
+    working_dir: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Folder shipped to a remote Ray cluster as the runtime_env working_dir (None: "
+            "the cluster's image has the project installed). Never for local Ray.",
+        ),
+    )
 
 
 @dataclass
@@ -258,14 +321,6 @@ class RunConfig:
     name: str = field(default="run", metadata=_doc("A label for the run.", _non_empty))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lock_stale_s: float = field(
-        default=600.0,
-        metadata=_doc(
-            "A run's lock whose heartbeat is older than this many seconds is stale (its "
-            "owner crashed) and is taken over; the owner refreshes it every tenth of that.",
-            _positive,
-        ),
-    )
     train: TrainConfig = field(default_factory=TrainConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
@@ -291,29 +346,6 @@ def _type_name(tp: Any) -> str:
         (item,) = typing.get_args(tp)
         return f"a list of {_type_name(item)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-    gpu_resource: str = field(
-        default="GPU",
-        metadata=_doc(
-            "The Ray resource that train_gpus and eval_gpus request when the cluster has it: "
-            "GPU, or a custom resource that marks accelerator nodes.",
-            _non_empty,
-        ),
-    )
-    actor_restarts: int = field(
-        default=2,
-        metadata=_doc(
-            "How often Ray restarts a stage actor that died (its node lost) and retries the "
-            "call it was running; bounded, then the stage fails.",
-            _non_negative,
-        ),
-    )
-    working_dir: str | None = field(
-        default=None,
-        metadata=_doc(
-            "Folder shipped to a remote Ray cluster as the runtime_env working_dir (None: "
-            "the cluster's image has the project installed). Never for local Ray.",
-        ),
-    )
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -438,6 +470,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(
             f"plasticity.method: {cfg.plasticity.method!r} is not among concept.methods {c.methods}"
         )
+    if len(set(cfg.plasticity.operators)) != len(cfg.plasticity.operators):
+        errors.append(f"plasticity.operators: duplicate operators in {cfg.plasticity.operators}")
     if len(set(c.methods)) != len(c.methods):
         errors.append(f"concept.methods: duplicate readers in {c.methods}")
     if 0.0 not in cfg.plasticity.alphas:

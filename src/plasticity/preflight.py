@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from plasticity.config import RunConfig
+from plasticity.config import RunConfig, layer_sets
 
 KNOWN_LAYERS = {"tiny-gpt2": 4, "tiny-biogpt": 4, "tiny-llama": 4, "tiny-gpt-neox": 4, "smollm2-135m": 30}
 
@@ -40,12 +40,12 @@ def preflight(cfg: RunConfig) -> list[str]:
         errors.append(f"concept.dataset: {exc}")
     n_layers = model_n_layers(cfg.model.source)
     if n_layers is not None:
-        for name, layers in (("concept.layers", cfg.concept.layers), ("plasticity.layers", cfg.plasticity.layers)):
+        steered = sorted({x for s in layer_sets(cfg.plasticity.layers) or [[n_layers // 2]] for x in s})
+        for name, layers in (("concept.layers", cfg.concept.layers), ("plasticity.layers", steered)):
             bad = [x for x in (layers or []) if x >= n_layers]
             if bad:
                 errors.append(f"{name}: layers {bad} are outside the model's 0..{n_layers - 1}")
         if cfg.concept.layers is not None:
-            steered = cfg.plasticity.layers or [n_layers // 2]
             missing = [x for x in steered if x not in cfg.concept.layers]
             if missing:
                 errors.append(

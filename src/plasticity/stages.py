@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import posixpath
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,10 +184,14 @@ def _layers(spec: list[int] | None, n_layers: int, field_name: str) -> list[int]
     return layers
 
 
-def plasticity_layers(cfg: RunConfig, n_layers: int) -> list[int]:
-    if cfg.plasticity.layers is None:
-        return [n_layers // 2]
-    return _layers(cfg.plasticity.layers, n_layers, "plasticity.layers")
+def plasticity_layer_sets(cfg: RunConfig, n_layers: int) -> list[list[int]]:
+    """The layer sets of the sweep (each steered together); the middle layer by default."""
+    from plasticity.config import layer_sets
+
+    sets = layer_sets(cfg.plasticity.layers)
+    if sets is None:
+        return [[n_layers // 2]]
+    return [_layers(s, n_layers, "plasticity.layers") for s in sets]
 
 
 @torch.no_grad()
@@ -291,6 +294,7 @@ def extract_stage(
         write_shard(storage, "directions", part, c.name, rows.columns, d_model=lm.d_model)
     )
     from plasticity.data.concepts import resolve_dataset
+    from plasticity.steering.vectors import tokenizer_fingerprint
     from plasticity.train.checkpoint import sha256_file
 
     meta = {
@@ -301,7 +305,7 @@ def extract_stage(
         "user_tag": cfg.model.user_tag, "assistant_tag": cfg.model.assistant_tag,
         "template": c.template, "positive": c.positive, "negative": c.negative,
         "dataset": c.dataset, "dataset_sha256": sha256_file(resolve_dataset(c.dataset)),
-        "seed": str(c.seed),
+        "seed": str(c.seed), "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
     }
     storage.write_bytes(
         vectors_path(storage, run_id, ckpt.step, c.name), save_safetensors(tensors, metadata=meta)
@@ -398,6 +402,39 @@ def score_metrics(
     return {m: out[m] for m in metrics}
 
 
+NULL_SOURCE_STEP = -1  # `source_step` of the null (random-direction) rows: no source stage
+
+
+def null_directions(d_model: int, layer: int, cfg: RunConfig) -> list[torch.Tensor]:
+    """`plasticity.null_seeds` random unit directions for one layer, the same for every
+    target and source, so the null of every cell of the grid is the same sweep."""
+    from plasticity.steering.readers import random_direction
+
+    return [
+        random_direction(d_model, seed=1_000_003 * (cfg.plasticity.seed + 1) + 7_919 * (k + 1) + layer)
+        for k in range(cfg.plasticity.null_seeds)
+    ]
+
+
+def _check_sources(storage: Storage, run_id: str, cfg: RunConfig, lm: LoadedModel, sources, layers):
+    """Every source's vectors, checked against the target model before any compute."""
+    from plasticity.steering.vectors import tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(lm.tokenizer)
+    files = {}
+    for src in sources:
+        f = load_vectors(storage, run_id, src.step, cfg.concept.name)
+        try:
+            f.check_width(lm.d_model)
+            f.check_tokenizer(fingerprint)
+            for layer in layers:
+                f.direction(cfg.plasticity.method, layer)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"source step {src.step}: {exc}") from exc
+        files[src.step] = f
+    return files
+
+
 def plasticity_stage(
     cfg: RunConfig,
     run_id: str,
@@ -405,69 +442,117 @@ def plasticity_stage(
     sources: list[CheckpointRef],
     lm: LoadedModel | None = None,
 ) -> StageResult:
-    """Steer target model j with every source i's direction over the alpha sweep."""
+    """Steer target model j with every source i's direction (and the null directions)
+    over the alpha sweep, for each layer set and operator, in batched forward passes
+    where every row carries its own direction and alpha."""
+    import numpy as np
+
+    from plasticity.analysis.stats import bootstrap_mean_ci, item_slopes
     from plasticity.data.concepts import load_statements
-    from plasticity.steering.evaluate import bootstrap_ci
-    from plasticity.steering.hooks import steer
+    from plasticity.steering.hooks import RowSteering
     from plasticity.steering.prompts import contrast_pairs
+    from plasticity.steering.sweep import UNSTEERED, Variant, sweep_scores
 
     storage = Storage.from_config(cfg.storage)
     lm = lm or load_checkpoint(storage, target.path, cfg.model)
     p, c = cfg.plasticity, cfg.concept
-    layers = plasticity_layers(cfg, lm.n_layers)
-    pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
-    train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
-    facts = _eval_items(cfg, train_statements)
-    questions = _truthfulqa_items(cfg) if any(m.startswith("truthfulqa") for m in p.metrics) else []
-    pubmedqa = _pubmedqa_items(cfg) if "pubmedqa_accuracy" in p.metrics else []
-    target_vecs = load_vectors(storage, run_id, target.step, c.name).tensors
+    sets = plasticity_layer_sets(cfg, lm.n_layers)
+    all_layers = sorted({x for s in sets for x in s})
+    target_vecs = load_vectors(storage, run_id, target.step, c.name)
+    target_vecs.check_width(lm.d_model)
     norms = {}
-    for layer in layers:
+    for layer in all_layers:
         key = f"residual_norm.{layer}"
-        if key not in target_vecs:
+        if key not in target_vecs.tensors:
             raise ValueError(
                 f"plasticity.layers: layer {layer} was not extracted (set concept.layers to include it)"
             )
-        norms[layer] = float(target_vecs[key])
-    baseline = score_metrics(lm, p.metrics, facts, questions, p.batch_size, pubmedqa)
-    result = StageResult()
-    layers_label = ",".join(str(x) for x in layers)
-    for src in sources:
-        source_file = load_vectors(storage, run_id, src.step, c.name)
-        source_file.check_width(lm.d_model)
-        directions = {layer: source_file.direction(p.method, layer) for layer in layers}
-        rows = Rows("plasticity")
-        for alpha in p.alphas:
-            scale = {layer: (alpha * norms[layer] if p.alpha_scale == "relative" else alpha) for layer in layers}
-            if alpha == 0 and p.operator in ("add", "piecewise"):
-                scores = baseline  # these operators are the identity at alpha = 0
-            else:
-                with steer(lm, directions, scale, p.operator):
-                    scores = score_metrics(lm, p.metrics, facts, questions, p.batch_size, pubmedqa)
-            abs_alpha = sum(scale.values()) / len(scale)
-            rel_alpha = alpha if p.alpha_scale == "relative" else alpha / (sum(norms.values()) / len(norms))
-            for metric, values in scores.items():
-                delta = values - baseline[metric]
-                lo, hi = bootstrap_ci(delta, p.bootstrap, p.seed)
-                rows.add(
-                    target_step=target.step, concept=c.name, layers=layers_label,
-                    operator=p.operator, alpha=abs_alpha, alpha_rel=rel_alpha, metric=metric,
-                    value=float(values.mean()), baseline=float(baseline[metric].mean()),
-                    delta=float(delta.mean()), n=len(values), ci_low=lo, ci_high=hi,
-                )
-        log.info(
-            "plasticity target %d <- source %d: %s delta at alpha %+.2f = %+.4f",
-            target.step, src.step, p.metrics[0], p.alphas[-1],
-            [d for d, m in zip(rows.columns["delta"], rows.columns["metric"], strict=True)
-             if m == p.metrics[0]][-1],
-        )
-        result.shards.append(
-            write_shard(
-                storage, "plasticity", {"run_id": run_id, "source_step": src.step},
-                f"target={target.step:06d}-{c.name}", rows.columns,
+        norms[layer] = float(target_vecs.tensors[key])
+    files = _check_sources(storage, run_id, cfg, lm, sources, all_layers)
+    pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
+    train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
+    items = dict(
+        facts=_eval_items(cfg, train_statements),
+        questions=_truthfulqa_items(cfg) if any(m.startswith("truthfulqa") for m in p.metrics) else [],
+        pubmedqa=_pubmedqa_items(cfg) if "pubmedqa_accuracy" in p.metrics else [],
+    )
+    baseline = {
+        m: v[0] for m, v in sweep_scores(lm, p.metrics, [UNSTEERED], None, batch_size=p.batch_size, **items).items()
+    }
+    # Directions stacked per layer: every source's, then the nulls.
+    labels = [(src.step, p.method, None) for src in sources] + [
+        (NULL_SOURCE_STEP, "random", k) for k in range(p.null_seeds)
+    ]
+    plas: dict[int, Rows] = {}
+    per_item: dict[int, Rows] = {}
+    alphas = list(p.alphas)
+    for layers in sets:
+        stacks = {
+            layer: torch.stack(
+                [files[src.step].direction(p.method, layer) for src in sources]
+                + null_directions(lm.d_model, layer, cfg)
             )
-        )
-    log.info("plasticity target %d: %d sources x %d alphas", target.step, len(sources), len(p.alphas))
+            for layer in layers
+        }
+        mean_norm = sum(norms[x] for x in layers) / len(layers)
+        scale = {x: norms[x] if p.alpha_scale == "relative" else 1.0 for x in layers}
+        alpha_rel = [a if p.alpha_scale == "relative" else a / mean_norm for a in alphas]
+        alpha_abs = [a * mean_norm if p.alpha_scale == "relative" else a for a in alphas]
+        layers_label = ",".join(str(x) for x in layers)
+        for operator in p.operators:
+            # add and piecewise are the identity at alpha = 0: those rows are the baseline.
+            skip_zero = operator in ("add", "piecewise")
+            variants = [
+                Variant(d, a) for d in range(len(labels)) for a in alphas if not (skip_zero and a == 0)
+            ]
+            with RowSteering(lm, stacks, scale, operator) as steering:
+                scores = sweep_scores(lm, p.metrics, variants, steering, batch_size=p.batch_size, **items)
+            where = {(v.direction, v.coef): k for k, v in enumerate(variants)}
+            for d, (source_step, direction, null_seed) in enumerate(labels):
+                rows = plas.setdefault(source_step, Rows("plasticity"))
+                irows = per_item.setdefault(source_step, Rows("plasticity_items"))
+                for metric in p.metrics:
+                    base = baseline[metric]
+                    values = torch.stack(
+                        [scores[metric][where[(d, a)]] if (d, a) in where else base for a in alphas]
+                    )
+                    effects = (values - base[None]).numpy()
+                    slopes = item_slopes(np.array(alpha_rel), effects)
+                    slope_lo, slope_hi = bootstrap_mean_ci(slopes, p.bootstrap, p.seed)
+                    common = dict(
+                        target_step=target.step, concept=c.name, direction=direction,
+                        null_seed=null_seed, layers=layers_label, operator=operator, metric=metric,
+                    )
+                    for a_idx in range(len(alphas)):
+                        lo, hi = bootstrap_mean_ci(effects[a_idx], p.bootstrap, p.seed)
+                        rows.add(
+                            **common, alpha=alpha_abs[a_idx], alpha_rel=alpha_rel[a_idx],
+                            value=float(values[a_idx].mean()), baseline=float(base.mean()),
+                            delta=float(effects[a_idx].mean()), n=len(base), ci_low=lo, ci_high=hi,
+                            slope=float(slopes.mean()), slope_ci_low=slope_lo, slope_ci_high=slope_hi,
+                        )
+                        for item in range(len(base)):
+                            irows.add(
+                                **common, item=item, alpha_rel=alpha_rel[a_idx],
+                                value=float(values[a_idx, item]), baseline=float(base[item]),
+                                delta=float(effects[a_idx, item]), item_slope=float(slopes[item]),
+                            )
+                    if metric == p.metrics[0] and direction != "random":
+                        log.info(
+                            "plasticity target %d <- source %d, layers %s, %s: slope of %s %+.4f [%+.4f, %+.4f]",
+                            target.step, source_step, layers_label, operator, metric,
+                            float(slopes.mean()), slope_lo, slope_hi,
+                        )
+    result = StageResult()
+    for source_step in sorted(plas):
+        name = f"target={target.step:06d}-{c.name}"
+        part = {"run_id": run_id, "source_step": source_step}
+        result.shards.append(write_shard(storage, "plasticity", part, name, plas[source_step].columns))
+        result.shards.append(write_shard(storage, "plasticity_items", part, name, per_item[source_step].columns))
+    log.info(
+        "plasticity target %d: %d sources + %d nulls x %d alphas x %d layer sets x %d operators",
+        target.step, len(sources), p.null_seeds, len(alphas), len(sets), len(p.operators),
+    )
     return result
 
 
@@ -506,29 +591,6 @@ def vocab_stage(
 # -- report -----------------------------------------------------------------------------
 
 
-def plasticity_matrix(table, metric: str) -> tuple[list[int], list[int], torch.Tensor]:
-    """Least-squares slope of delta against alpha_rel for every (source, target)."""
-    df = [
-        r for r in table.select(["source_step", "target_step", "alpha_rel", "metric", "delta"]).to_pylist()
-        if r["metric"] == metric
-    ]
-    sources = sorted({r["source_step"] for r in df})
-    targets = sorted({r["target_step"] for r in df})
-    m = torch.full((len(sources), len(targets)), float("nan"), dtype=torch.float64)
-    for i, s in enumerate(sources):
-        for j, t in enumerate(targets):
-            pts = [(r["alpha_rel"], r["delta"]) for r in df if r["source_step"] == s and r["target_step"] == t]
-            if len(pts) < 2:
-                continue
-            x = torch.tensor([a for a, _ in pts], dtype=torch.float64)
-            y = torch.tensor([d for _, d in pts], dtype=torch.float64)
-            xc = x - x.mean()
-            denom = float((xc**2).sum())
-            if denom > 0:
-                m[i, j] = float((xc * (y - y.mean())).sum()) / denom
-    return sources, targets, m
-
-
 def direction_similarity(directions, method: str) -> dict[str, list]:
     """Cosine between every two checkpoints' directions of one reader, per concept and layer."""
     rows = [r for r in directions.to_pylist() if r["method"] == method]
@@ -557,66 +619,25 @@ def similarity_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = Non
     return StageResult(shards=[path])
 
 
-def report_stage(cfg: RunConfig, run_id: str, shards: list[str] | None = None) -> StageResult:
-    """Plasticity matrix (CSV, PNG heatmap) and a Markdown summary in the run folder."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def report_stage(
+    cfg: RunConfig, run_id: str, shards: dict[str, list[str]] | None = None
+) -> StageResult:
+    """The `plasticity_stats` table, figures (PNG) and `summary.md` in the run folder,
+    from the tables alone (`shards`: committed shard paths per table, when known)."""
+    from plasticity.analysis.report import build_report
 
     storage = Storage.from_config(cfg.storage)
-    table = read_table(storage, "plasticity", run_ids=[run_id], paths=shards)
-    metric = cfg.plasticity.metrics[0]
-    sources, targets, m = plasticity_matrix(table, metric)
-    out_dir = storage.path("runs", run_id, "report")
-    csv = "source_step," + ",".join(f"target_{t}" for t in targets) + "\n"
-    for i, s in enumerate(sources):
-        csv += f"{s}," + ",".join(f"{float(v):.6g}" for v in m[i]) + "\n"
-    storage.write_bytes(posixpath.join(out_dir, "plasticity_matrix.csv"), csv.encode())
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(targets)), max(3.5, 1.2 + 0.8 * len(sources))))
-    lim = float(torch.nan_to_num(m).abs().max()) or 1.0
-    im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim)
-    ax.set_xticks(range(len(targets)), [str(t) for t in targets])
-    ax.set_yticks(range(len(sources)), [str(s) for s in sources])
-    ax.set_xlabel("target checkpoint step (model steered)")
-    ax.set_ylabel("source checkpoint step (direction)")
-    ax.set_title(f"{cfg.concept.name}: d({metric}) / d(alpha_rel)", fontsize=10)
-    for i in range(len(sources)):
-        for j in range(len(targets)):
-            ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    png = posixpath.join(out_dir, "plasticity_matrix.png")
-    storage.write_bytes(png, buf.getvalue())
-
-    header = "| source \\ target | " + " | ".join(str(t) for t in targets) + " |"
-    lines = [
-        f"# Run {run_id}: plasticity matrix",
-        "",
-        f"Slope of the change in `{metric}` per unit `alpha_rel` when the "
-        f"`{cfg.concept.name}` direction of a source checkpoint steers a target checkpoint "
-        f"(layers {table.column('layers')[0].as_py()}, operator `{cfg.plasticity.operator}`).",
-        "",
-        header,
-        "|" + "---|" * (len(targets) + 1),
-    ]
-    for i, s in enumerate(sources):
-        lines.append(f"| {s} | " + " | ".join(f"{float(v):.3g}" for v in m[i]) + " |")
-    markdown = "\n".join(lines) + "\n"
-    storage.write_bytes(posixpath.join(out_dir, "summary.md"), markdown.encode())
+    rep = build_report(storage, run_id, cfg, shards)
     return StageResult(
-        shards=[],
+        shards=rep.shards,
         summary={
-            "markdown": markdown,
-            "png": storage.full_uri(png),
-            "matrix": m.tolist(),
-            "sources": sources,
-            "targets": targets,
+            "markdown": rep.markdown,
+            "figures": rep.figure_uris,
+            "figure_paths": rep.figure_paths,
+            "png": rep.figure_uris["plasticity_matrix"],
+            "matrix": rep.matrix,
+            "sources": rep.sources,
+            "targets": rep.targets,
+            "critical_windows": rep.critical_windows,
         },
     )

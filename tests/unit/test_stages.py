@@ -118,21 +118,57 @@ def test_plasticity_grid_is_complete_and_alpha_zero_is_the_baseline(run):
     storage = Storage.from_config(cfg.storage)
     table = read_table(storage, "plasticity", ["t1"]).to_pylist()
     steps = [r.step for r in refs]
-    metrics = cfg.plasticity.metrics
-    assert len(table) == len(steps) ** 2 * len(cfg.plasticity.alphas) * len(metrics)
-    assert {(r["source_step"], r["target_step"]) for r in table} == {(i, j) for i in steps for j in steps}
-    keys = [(r["source_step"], r["target_step"], r["alpha_rel"], r["metric"]) for r in table]
+    p = cfg.plasticity
+    metrics = p.metrics
+    n_dirs = len(steps) + p.null_seeds
+    assert p.null_seeds >= 1
+    assert len(table) == len(steps) * n_dirs * len(p.alphas) * len(metrics)
+    real = [r for r in table if r["direction"] == p.method]
+    nulls = [r for r in table if r["direction"] == "random"]
+    assert {(r["source_step"], r["target_step"]) for r in real} == {(i, j) for i in steps for j in steps}
+    assert {r["source_step"] for r in nulls} == {stages.NULL_SOURCE_STEP}
+    assert {(r["target_step"], r["null_seed"]) for r in nulls} == {
+        (j, k) for j in steps for k in range(p.null_seeds)
+    }
+    keys = [(r["source_step"], r["target_step"], r["null_seed"], r["alpha_rel"], r["metric"]) for r in table]
     assert len(keys) == len(set(keys))
     for r in table:
         assert r["n"] == 16
         if r["alpha_rel"] == 0:
             assert r["delta"] == 0 and r["value"] == r["baseline"]
         assert r["ci_low"] <= r["delta"] <= r["ci_high"]
+        assert r["slope_ci_low"] <= r["slope"] <= r["slope_ci_high"]
         if r["metric"] in ("facts_accuracy", "truthfulqa_mc2", "pubmedqa_accuracy"):
             assert 0.0 <= r["value"] <= 1.0
     # Steering must move the metric somewhere in the grid.
     for metric in ("facts_logit_gap", "truthfulqa_mc2"):
         assert max(abs(r["delta"]) for r in table if r["metric"] == metric) > 1e-4, metric
+
+
+def test_plasticity_items_agree_with_the_summary_rows(run):
+    import numpy as np
+
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    summary = read_table(storage, "plasticity", ["t1"]).to_pylist()
+    items = read_table(storage, "plasticity_items", ["t1"]).to_pylist()
+    groups: dict = {}
+    for r in items:
+        key = (r["source_step"], r["target_step"], r["null_seed"], r["metric"])
+        groups.setdefault(key, {}).setdefault(r["alpha_rel"], {})[r["item"]] = (r["delta"], r["item_slope"])
+    assert len(groups) == len({(r["source_step"], r["target_step"], r["null_seed"], r["metric"]) for r in summary})
+    for r in summary:
+        by_item = groups[(r["source_step"], r["target_step"], r["null_seed"], r["metric"])]
+        deltas = [d for d, _ in by_item[r["alpha_rel"]].values()]
+        assert len(deltas) == r["n"]
+        assert np.mean(deltas) == pytest.approx(r["delta"], abs=1e-12)
+        # Each item's slope is its own least-squares fit over the alphas (np.polyfit).
+        alphas = sorted(by_item)
+        for item in range(r["n"]):
+            ys = [by_item[a][item][0] for a in alphas]
+            assert by_item[alphas[0]][item][1] == pytest.approx(np.polyfit(alphas, ys, 1)[0], abs=1e-9)
+        slopes = [by_item[alphas[0]][i][1] for i in range(r["n"])]
+        assert np.mean(slopes) == pytest.approx(r["slope"], abs=1e-9)
 
 
 def test_vocab_topk_matches_brute_force(run):
@@ -153,32 +189,42 @@ def test_vocab_topk_matches_brute_force(run):
     assert rows[0]["token"] == lm.tokenizer.decode([rows[0]["token_id"]])
 
 
-def test_report_writes_matrix_png_and_summary(run):
+def test_report_writes_stats_figures_and_summary(run):
+    import numpy as np
+
     cfg, refs, _ = run
+    stages.similarity_stage(cfg, "t1")
     result = stages.report_stage(cfg, "t1")
     storage = Storage.from_config(cfg.storage)
-    png = storage.path("runs", "t1", "report", "plasticity_matrix.png")
-    assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
-    m = torch.tensor(result.summary["matrix"], dtype=torch.float64)
-    assert m.shape == (2, 2) and torch.isfinite(m).all()
-    # The slope is the least-squares fit of delta on alpha_rel, checked independently.
+    for name in ("plasticity_matrix", "self_plasticity", "effect_vs_alpha", "detection_by_layer",
+                 "direction_similarity"):
+        png = storage.path("runs", "t1", "report", f"{name}.png")
+        assert storage.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n", name
+    summary = storage.read_bytes(storage.path("runs", "t1", "report", "summary.md")).decode()
+    assert "Kruskal-Wallis" in summary and "| source \\ target |" in summary
+    m = np.array(result.summary["matrix"])
+    assert m.shape == (2, 2) and np.isfinite(m).all()
+    # The slope of the mean effect is the least-squares fit of delta on alpha_rel.
     table = read_table(storage, "plasticity", ["t1"]).to_pylist()
     pts = [
         (r["alpha_rel"], r["delta"]) for r in table
         if r["source_step"] == 0 and r["target_step"] == 4 and r["metric"] == "facts_logit_gap"
     ]
-    import numpy as np
-
     slope, _ = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
     assert float(m[0, 1]) == pytest.approx(float(slope), rel=1e-9)
+    stats = read_table(storage, "plasticity_stats", ["t1"]).to_pylist()
+    scopes = {(r["scope"], r["test"]) for r in stats}
+    assert {("self", "kruskal"), ("self", "dunn"), ("self", "window"), ("target=0", "kruskal")} <= scopes
+    assert all(0 <= r["p_value"] <= 1 and r["p_value"] <= r["p_adjusted"] + 1e-15 for r in stats)
 
 
 def test_table_columns_match_the_design(run):
     cfg, _, _ = run
     storage = Storage.from_config(cfg.storage)
     stages.similarity_stage(cfg, "t1")
+    stages.report_stage(cfg, "t1")
     for name in ("train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk",
-                 "direction_similarity"):
+                 "direction_similarity", "plasticity_items", "plasticity_stats"):
         assert read_table(storage, name, ["t1"]).column_names == TABLES[name].column_names, name
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from plasticity.data.concepts import Statement
@@ -21,14 +23,27 @@ def answer_token_ids(tokenizer, answers: tuple[str, str] = (" True", " False")) 
     return ids[0], ids[1]
 
 
+OnBatch = Callable[[int, int], None] | None
+
+
 @torch.no_grad()
 def answer_log_odds(
-    lm: LoadedModel, prompts: list[str], answers: tuple[str, str], batch_size: int = 16
+    lm: LoadedModel,
+    prompts: list[str],
+    answers: tuple[str, str],
+    batch_size: int = 16,
+    on_batch: OnBatch = None,
 ) -> torch.Tensor:
-    """Per prompt, log p(answers[0]) - log p(answers[1]) for the next token."""
+    """Per prompt, log p(answers[0]) - log p(answers[1]) for the next token.
+
+    `on_batch(start, stop)`, if given, is called before the forward pass of prompts
+    [start, stop) (row-wise steering sets its rows there).
+    """
     a_id, b_id = answer_token_ids(lm.tokenizer, answers)
     out = torch.empty(len(prompts), dtype=torch.float64)
     for start, chunk in batches(prompts, batch_size):
+        if on_batch is not None:
+            on_batch(start, start + len(chunk))
         logp = torch.log_softmax(forward(lm, encode_left_padded(lm, chunk)).logits[:, -1].double(), -1)
         out[start : start + len(chunk)] = (logp[:, a_id] - logp[:, b_id]).cpu()
     return out
@@ -42,9 +57,18 @@ def facts_logit_gap(
 
     Steering, if any, comes from hooks the caller holds open around this call.
     """
-    prompts = [FACTS_PROMPT.format(statement=s.text) for s in statements]
-    signs = torch.tensor([1.0 if s.label == 1 else -1.0 for s in statements], dtype=torch.float64)
-    return answer_log_odds(lm, prompts, (" True", " False"), batch_size) * signs
+    return answer_log_odds(lm, facts_prompts(statements), (" True", " False"), batch_size) * facts_signs(
+        statements
+    )
+
+
+def facts_prompts(statements: list[Statement]) -> list[str]:
+    return [FACTS_PROMPT.format(statement=s.text) for s in statements]
+
+
+def facts_signs(statements: list[Statement]) -> torch.Tensor:
+    """+1 for a true statement, -1 for a false one."""
+    return torch.tensor([1.0 if s.label == 1 else -1.0 for s in statements], dtype=torch.float64)
 
 
 def bootstrap_ci(
@@ -67,9 +91,16 @@ TRUTHFULQA_PROMPT = "Q: {question}\nA:"
 
 @torch.no_grad()
 def continuation_logprobs(
-    lm: LoadedModel, prompts: list[str], continuations: list[str], batch_size: int = 16
+    lm: LoadedModel,
+    prompts: list[str],
+    continuations: list[str],
+    batch_size: int = 16,
+    on_batch: OnBatch = None,
 ) -> torch.Tensor:
-    """Sum of log p(continuation tokens | prompt) for each (prompt, continuation) pair."""
+    """Sum of log p(continuation tokens | prompt) for each (prompt, continuation) pair.
+
+    `on_batch(start, stop)` as in `answer_log_odds`.
+    """
     tok = lm.tokenizer
     seqs, n_cont = [], []
     for prompt, cont in zip(prompts, continuations, strict=True):
@@ -83,24 +114,28 @@ def continuation_logprobs(
     device = next(lm.model.parameters()).device
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
+        if on_batch is not None:
+            on_batch(start, start + len(chunk))
         batch = pad_left(chunk, tok.pad_token_id, device)
         ids = batch["input_ids"].cpu()
         width = ids.shape[1]
-        logp = torch.log_softmax(forward(lm, batch, logits_to_keep=0).logits.double(), -1).cpu()
+        # Only the positions that predict continuation tokens are projected: the last
+        # k_max + 1 of the row (the very last one predicts past the end and is unused).
+        keep = max(n_cont[start : start + len(chunk)]) + 1
+        logits = forward(lm, batch, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), -1).cpu()  # positions width-keep..width-2
         for i in range(len(chunk)):
             k = n_cont[start + i]
             # Logits at position t predict token t+1: the continuation's k tokens are the
             # last k of the row, predicted from the k positions before them.
             targets = ids[i, width - k :]
-            preds = logp[i, width - k - 1 : width - 1]
+            preds = logp[i, keep - 1 - k :]
             out[start + i] = preds.gather(1, targets[:, None]).sum()
     return out
 
 
-def truthfulqa_mc(lm: LoadedModel, items, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per item, MC1 (1 when the best answer outscores every incorrect one) and MC2 (the
-    normalised probability mass on the correct answers), by log-likelihood of each
-    answer after "Q: question\\nA:"."""
+def truthfulqa_pairs(items) -> tuple[list[str], list[str], list[tuple[int, str]]]:
+    """Every (prompt, answer) pair TruthfulQA MC scores, with (item index, kind) owners."""
     prompts, conts, owners = [], [], []
     for idx, item in enumerate(items):
         prompt = TRUTHFULQA_PROMPT.format(question=item.question)
@@ -109,18 +144,42 @@ def truthfulqa_mc(lm: LoadedModel, items, batch_size: int = 16) -> tuple[torch.T
                 prompts.append(prompt)
                 conts.append(" " + a)
                 owners.append((idx, kind))
+    return prompts, conts, owners
+
+
+def truthfulqa_mc(lm: LoadedModel, items, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, MC1 (1 when the best answer outscores every incorrect one) and MC2 (the
+    normalised probability mass on the correct answers), by log-likelihood of each
+    answer after "Q: question\\nA:"."""
+    prompts, conts, owners = truthfulqa_pairs(items)
     scores = continuation_logprobs(lm, prompts, conts, batch_size)
-    mc1 = torch.empty(len(items), dtype=torch.float64)
-    mc2 = torch.empty(len(items), dtype=torch.float64)
-    for idx in range(len(items)):
-        best = [s for s, (o, k) in zip(scores, owners, strict=True) if o == idx and k == "best"]
-        true = torch.stack([s for s, (o, k) in zip(scores, owners, strict=True) if o == idx and k == "true"])
-        false = torch.stack([s for s, (o, k) in zip(scores, owners, strict=True) if o == idx and k == "false"])
-        mc1[idx] = float(best[0] > false.max())
+    return truthfulqa_mc_from_scores(scores, owners, len(items))
+
+
+def truthfulqa_mc_from_scores(
+    scores: torch.Tensor, owners: list[tuple[int, str]], n_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC1 and MC2 per item from the log-likelihood of each pair of `truthfulqa_pairs`.
+
+    `scores` is (pairs,) or (pairs, variants) - one column per steered variant of the
+    model; the results are then (variants, items).
+    """
+    flat = scores.dim() == 1
+    cols = scores[:, None] if flat else scores
+    groups: dict[tuple[int, str], list[int]] = {}
+    for row, owner in enumerate(owners):
+        groups.setdefault(owner, []).append(row)
+    mc1 = torch.empty(cols.shape[1], n_items, dtype=torch.float64)
+    mc2 = torch.empty(cols.shape[1], n_items, dtype=torch.float64)
+    for idx in range(n_items):
+        best = cols[groups[(idx, "best")][0]]
+        true = cols[groups[(idx, "true")]]
+        false = cols[groups[(idx, "false")]]
+        mc1[:, idx] = (best > false.max(0).values).double()
         # Normalise in log space: p_true / (p_true + p_false).
         lse_true = torch.logsumexp(true, 0)
-        mc2[idx] = torch.exp(lse_true - torch.logsumexp(torch.cat([true, false]), 0))
-    return mc1, mc2
+        mc2[:, idx] = torch.exp(lse_true - torch.logsumexp(torch.cat([true, false]), 0))
+    return (mc1[0], mc2[0]) if flat else (mc1, mc2)
 
 
 def facts_accuracy(gap: torch.Tensor) -> torch.Tensor:
@@ -131,9 +190,17 @@ def facts_accuracy(gap: torch.Tensor) -> torch.Tensor:
 PUBMEDQA_PROMPT = "Context: {context}\nQuestion: {question}\nAnswer (yes or no):"
 
 
+def pubmedqa_prompts(items) -> list[str]:
+    return [PUBMEDQA_PROMPT.format(context=i.context, question=i.question) for i in items]
+
+
 def pubmedqa_accuracy(lm: LoadedModel, items, batch_size: int = 16) -> torch.Tensor:
     """Per yes/no question, 1 when log p(' yes') vs log p(' no') picks the expert label."""
-    prompts = [PUBMEDQA_PROMPT.format(context=i.context, question=i.question) for i in items]
-    says_yes = answer_log_odds(lm, prompts, (" yes", " no"), batch_size) > 0
+    log_odds = answer_log_odds(lm, pubmedqa_prompts(items), (" yes", " no"), batch_size)
+    return pubmedqa_correct(log_odds, items)
+
+
+def pubmedqa_correct(log_odds: torch.Tensor, items) -> torch.Tensor:
+    """1 where the sign of log p(' yes') - log p(' no') matches the expert label."""
     truth = torch.tensor([i.decision == "yes" for i in items])
-    return (says_yes == truth).double()
+    return ((log_odds > 0) == truth).double()

@@ -42,10 +42,13 @@ def apply_operator(
     - ablate: h - <h, u>*u (alpha unused)
     - ablate_add: h - <h, u>*u + alpha*u
     with u the unit vector along `direction`. `alpha` is a number or one value per row
-    of the batch (shape (batch,)), so a coefficient sweep fits in one pass.
+    of the batch (shape (batch,)), and `direction` one vector (d,) or one per row
+    (batch, d), so a coefficient sweep over several directions fits in one pass.
     """
     u = direction.to(device=hidden.device, dtype=hidden.dtype)
-    u = u / u.norm()
+    u = u / u.norm(dim=-1, keepdim=True)
+    if u.dim() == 2:
+        u = u[:, None, :]  # one direction per row, broadcast over positions
     a = alpha
     if torch.is_tensor(a):
         a = a.to(device=hidden.device, dtype=hidden.dtype)
@@ -53,7 +56,7 @@ def apply_operator(
             a = a[:, None, None]
     if operator == "add":
         return hidden + a * u
-    proj = (hidden @ u)[..., None]
+    proj = (hidden * u).sum(-1, keepdim=True) if u.dim() == 3 else (hidden @ u)[..., None]
     if operator == "piecewise":
         return hidden + torch.sign(proj) * a * u
     if operator == "ablate":
@@ -179,3 +182,81 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+class RowSteering:
+    """Steer each row of a batch with its own direction and coefficient, in one pass.
+
+    `directions[layer]` stacks the candidate directions of that layer (n_directions, d);
+    `scale[layer]` multiplies every row's coefficient at that layer (the residual norm,
+    for relative alphas). Before each forward pass, `set_rows(index, coef)` says which
+    direction (an index, or -1 for none) and which coefficient each row of the batch
+    gets. A row with index -1 is left exactly as the unsteered model computes it.
+
+    Use as a context manager around the forward passes; hooks are removed on exit.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        directions: dict[int, torch.Tensor],
+        scale: dict[int, float] | None = None,
+        operator: str = "add",
+    ) -> None:
+        if operator not in OPERATORS:
+            raise ValueError(f"unknown steering operator {operator!r}; known: {OPERATORS}")
+        for layer, stack in directions.items():
+            if stack.dim() != 2 or stack.shape[-1] != lm.d_model:
+                raise ValueError(
+                    f"directions for layer {layer}: expected (n_directions, {lm.d_model}), "
+                    f"got {tuple(stack.shape)}"
+                )
+        self.lm = lm
+        self.operator = operator
+        self.scale = {layer: float((scale or {}).get(layer, 1.0)) for layer in directions}
+        # Unit vectors once, in float32; each hook casts them to the hidden dtype.
+        self.units = {
+            layer: (stack.float() / stack.float().norm(dim=-1, keepdim=True))
+            for layer, stack in directions.items()
+        }
+        self._index: torch.Tensor | None = None
+        self._coef: torch.Tensor | None = None
+        self._handles: list = []
+
+    def set_rows(self, index: torch.Tensor, coef: torch.Tensor) -> None:
+        if index.shape != coef.shape or index.dim() != 1:
+            raise ValueError("set_rows: index and coef must be 1-D and of the same length")
+        self._index, self._coef = index.long(), coef.double()
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            if self._index is None:
+                raise RuntimeError("RowSteering: set_rows() was not called before the forward pass")
+            hidden = _hidden(output)
+            if hidden.shape[0] != len(self._index):
+                raise RuntimeError(
+                    f"RowSteering: the batch has {hidden.shape[0]} rows, set_rows gave {len(self._index)}"
+                )
+            index = self._index.to(hidden.device)
+            active = index >= 0
+            if not bool(active.any()):
+                return output
+            units = self.units[layer].to(hidden.device)
+            u = units[index.clamp(min=0)]
+            a = (self._coef * self.scale[layer]).to(hidden.device, hidden.dtype)
+            steered = apply_operator(hidden, u, a, self.operator)
+            steered = torch.where(active[:, None, None], steered, hidden)
+            return _replace_hidden(output, steered)
+
+        return hook
+
+    def __enter__(self) -> RowSteering:
+        for layer in self.units:
+            block = self.lm.adapter.block(self.lm.model, layer)
+            self._handles.append(block.register_forward_hook(self._hook(layer), prepend=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -29,6 +29,25 @@ class VectorFile:
                 f"the vectors are {width} wide ({self.metadata.get('model')}); the model is {d_model}"
             )
 
+    def check_tokenizer(self, fingerprint: str) -> None:
+        """Refuse vectors read through a different tokenizer (files without a recorded
+        fingerprint pass)."""
+        mine = self.metadata.get("tokenizer_sha256")
+        if mine is not None and mine != fingerprint:
+            raise ValueError(
+                f"the vectors come from a model with another tokenizer ({self.metadata.get('model')}, "
+                f"vocabulary sha256 {mine[:12]}...); the model's is {fingerprint[:12]}..."
+            )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of the tokenizer's vocabulary (token -> id), to tell tokenizers apart."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
+
 
 def read_vector_file(source: str | Path | bytes) -> VectorFile:
     """Read a vectors file written by the extract stage, from a path or its bytes."""

@@ -96,11 +96,35 @@ TABLES: dict[str, TableSpec] = {
             "plasticity",
             (("run_id", pa.string()), ("source_step", pa.int64())),
             (
-                ("target_step", pa.int64()), ("concept", pa.string()), ("layers", pa.string()),
+                ("target_step", pa.int64()), ("concept", pa.string()), ("direction", pa.string()),
+                ("null_seed", pa.int32()), ("layers", pa.string()),
                 ("operator", pa.string()), ("alpha", pa.float64()), ("alpha_rel", pa.float64()),
                 ("metric", pa.string()), ("value", pa.float64()), ("baseline", pa.float64()),
                 ("delta", pa.float64()), ("n", pa.int64()), ("ci_low", pa.float64()),
-                ("ci_high", pa.float64()),
+                ("ci_high", pa.float64()), ("slope", pa.float64()),
+                ("slope_ci_low", pa.float64()), ("slope_ci_high", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "plasticity_items",
+            (("run_id", pa.string()), ("source_step", pa.int64())),
+            (
+                ("target_step", pa.int64()), ("concept", pa.string()), ("direction", pa.string()),
+                ("null_seed", pa.int32()), ("layers", pa.string()), ("operator", pa.string()),
+                ("metric", pa.string()), ("item", pa.int64()), ("alpha_rel", pa.float64()),
+                ("value", pa.float64()), ("baseline", pa.float64()), ("delta", pa.float64()),
+                ("item_slope", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "plasticity_stats",
+            _RUN,
+            (
+                ("scope", pa.string()), ("concept", pa.string()), ("layers", pa.string()),
+                ("operator", pa.string()), ("metric", pa.string()), ("test", pa.string()),
+                ("stage_a", pa.int64()), ("stage_b", pa.int64()), ("statistic", pa.float64()),
+                ("p_value", pa.float64()), ("p_adjusted", pa.float64()),
+                ("critical_window", pa.bool_()),
             ),
         ),
         TableSpec(
