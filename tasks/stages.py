@@ -78,17 +78,39 @@ def report_task(cfg: RunConfig, run_id: str) -> dict:
     manifest = _manifest(cfg, run_id)
     done = manifest.unit("report", "all")
     if done and done.get("status") == "done":
-        return {k: done[k] for k in ("png", "sources", "targets")}
+        return {k: done[k] for k in REPORT_KEYS}
     # Only shards the manifest records as committed feed the report.
     similarity = similarity_stage(cfg, run_id, manifest.committed_shards("directions"))
     manifest.commit("similarity", "all", similarity.shards)
-    result = report_stage(cfg, run_id, manifest.committed_shards("plasticity"))
+    committed = {
+        t: manifest.committed_shards(t)
+        for t in ("plasticity", "plasticity_items", "directions", "direction_similarity")
+    }
+    result = report_stage(cfg, run_id, committed)
     summary = result.summary
+    publish_report_artifacts(Storage.from_config(cfg.storage), run_id, summary)
+    out = {k: summary[k] for k in REPORT_KEYS}
+    manifest.commit("report", "all", result.shards, **out)
+    return out
+
+
+REPORT_KEYS = ("png", "figures", "sources", "targets", "critical_windows")
+
+
+def publish_report_artifacts(storage: Storage, run_id: str, summary: dict) -> None:
+    """The summary with its figures inline, and the plasticity matrix as a table."""
+    import base64
+
     key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())
+    images = []
+    for name, uri in summary["figures"].items():
+        png = storage.read_bytes(summary["figure_paths"][name])
+        images.append(f"### {name.replace('_', ' ')}\n\n![{name}](data:image/png;base64,"
+                      f"{base64.b64encode(png).decode()})\n\n`{uri}`\n")
     create_markdown_artifact(
-        markdown=summary["markdown"] + f"\nHeatmap: `{summary['png']}`\n",
+        markdown=summary["markdown"] + "\n## Figures\n\n" + "\n".join(images),
         key=f"plasticity-summary-{key}",
-        description=f"Plasticity matrix of run {run_id}",
+        description=f"Plasticity report of run {run_id}",
     )
     create_table_artifact(
         table=[
@@ -96,8 +118,5 @@ def report_task(cfg: RunConfig, run_id: str) -> dict:
             for i, s in enumerate(summary["sources"])
         ],
         key=f"plasticity-matrix-{key}",
-        description=f"Slope of the metric against alpha_rel, run {run_id}",
+        description=f"Slope of the headline metric against alpha_rel (source rows, target columns), run {run_id}",
     )
-    out = {k: summary[k] for k in ("png", "sources", "targets")}
-    manifest.commit("report", "all", [], **out)
-    return out
