@@ -11,9 +11,32 @@ from prefect import flow, get_run_logger
 
 from plasticity.config import config_from_dict, validate_run_id
 from plasticity.storage.fs import Storage
-from plasticity.storage.manifest import Manifest
+from plasticity.storage.manifest import Manifest, RunLock
 from tasks.actors import ensure_ray, start_workers, stop
-from tasks.stages import extract_task, finetune_task, plasticity_task, report_task, vocab_task
+from tasks.runtime import result_storage_block
+from tasks.stages import (
+    detection_task,
+    extract_task,
+    finetune_task,
+    plasticity_task,
+    report_task,
+    vocab_task,
+)
+
+
+class StageFailed(RuntimeError):
+    """A stage of the timeline failed; the message names the stage, the unit and the cause."""
+
+
+def _stage(label: str, call):
+    """Run or wait for one stage unit; a failure names the stage and its cause."""
+    try:
+        return call()
+    except StageFailed:
+        raise
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        raise StageFailed(f"stage {label} failed: {type(exc).__name__}: {cause}") from exc
 
 
 @flow(name="plasticity-timeline", flow_run_name="timeline {run_id}", log_prints=False)
@@ -24,24 +47,41 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
     validate_run_id(run_id)
     storage = Storage.from_config(cfg.storage)
     storage.check_writable()
+    # One live attempt per run id; a second is refused here, before it touches anything.
+    lock = RunLock(storage, run_id, cfg.storage.lock_stale_s).acquire()
     manifest = Manifest(storage, run_id)
-    manifest.open(cfg.to_dict())
-    started_ray = ensure_ray(cfg.compute.ray_address)
+    try:
+        manifest.open(cfg.to_dict())
+    except BaseException:
+        lock.release()
+        raise
+    lock.start_heartbeat()
+    started_ray = False
     workers = []
     try:
-        refs = finetune_task(cfg, run_id)
+        results = result_storage_block(cfg, run_id)
+        finetune, extract, plasticity, vocab_t = (
+            t.with_options(result_storage=results)
+            for t in (finetune_task, extract_task, plasticity_task, vocab_task)
+        )
+        started_ray = ensure_ray(cfg.compute.ray_address, cfg.compute.working_dir)
+        refs = _stage("finetune", lambda: finetune(cfg, run_id))
         logger.info("checkpoints: %s", [r.step for r in refs])
         workers = start_workers(cfg, run_id)
         pick = {r.step: workers[i % len(workers)] for i, r in enumerate(refs)}
-        extracts = [extract_task.submit(cfg, run_id, r, pick[r.step]) for r in refs]
-        for f in extracts:
-            f.result()
+        extracts = [extract.submit(cfg, run_id, r, pick[r.step]) for r in refs]
+        for r, f in zip(refs, extracts, strict=True):
+            _stage(f"extract (checkpoint step={r.step})", f.result)
+        _stage("detection table", lambda: detection_task(cfg, run_id))
         # Target j goes to the worker that already holds model j from extraction.
-        grid = [plasticity_task.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs]
-        vocab = [vocab_task.submit(cfg, run_id, r, pick[r.step], wait_for=[g]) for r, g in zip(refs, grid, strict=True)]
-        for f in grid + vocab:
-            f.result()
-        report = report_task(cfg, run_id)
+        grid = [plasticity.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs]
+        vocab = [vocab_t.submit(cfg, run_id, r, pick[r.step], wait_for=[g]) for r, g in zip(refs, grid, strict=True)]
+        for r, f in zip(refs, grid, strict=True):
+            _stage(f"plasticity (target step={r.step})", f.result)
+        for r, f in zip(refs, vocab, strict=True):
+            _stage(f"vocab (checkpoint step={r.step})", f.result)
+        report = _stage("report", lambda: report_task(cfg, run_id))
+        manifest.set_status("done")
     except BaseException as exc:
         manifest.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -51,6 +91,6 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
             import ray
 
             ray.shutdown()
-    manifest.set_status("done")
+        lock.release()
     logging.getLogger(__name__).info("run %s done: %s", run_id, storage.full_uri(manifest.path))
     return {"run_id": run_id, "manifest": storage.full_uri(manifest.path), **report}

@@ -41,28 +41,36 @@ class StageWorker:
     def finetune(self, cfg: RunConfig, run_id: str):
         from plasticity.stages import finetune_stage
 
-        return finetune_stage(cfg, run_id)
+        refs, result = finetune_stage(cfg, run_id)
+        return refs, self._where(result)
 
     def extract(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
         from plasticity.stages import extract_stage
 
-        return extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt))
+        return self._where(extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
 
     def plasticity(self, cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef]):
         from plasticity.stages import plasticity_stage
 
-        return plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target))
+        return self._where(plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target)))
 
     def vocab(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
         from plasticity.stages import vocab_stage
 
-        return vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt))
+        return self._where(vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def _where(self, result):
+        """Record which Ray node ran the unit (the task moves it into the manifest)."""
+        result.summary = {**result.summary, NODE_KEY: self.node()}
+        return result
 
-RemoteStageWorker = ray.remote(max_restarts=1, max_task_retries=0)(StageWorker)
+
+NODE_KEY = "ray_node_id"
+# Restarts and retries are bounded per actor by compute.actor_restarts (see `_options`).
+RemoteStageWorker = ray.remote(StageWorker)
 
 
 def _loopback_only() -> None:
@@ -78,32 +86,57 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def ensure_ray(address: str | None = None) -> bool:
+# Environment that actors on other nodes need and that is safe to show: the runtime_env
+# is stored in Ray's GCS and shown on its dashboard, so secrets (AWS keys) never go in it;
+# worker nodes get them from their own environment (a Kubernetes secret, compose's env).
+RUNTIME_ENV_VARS = (
+    "HF_HUB_OFFLINE", "PLASTICITY_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION", "AWS_REGION",
+)
+# Never shipped with compute.working_dir.
+WORKING_DIR_EXCLUDES = [
+    ".venv", ".git", ".cache", ".prefect", "runs", "**/__pycache__", "*.egg-info", ".env",
+]
+
+
+def runtime_env(working_dir: str | None = None) -> dict:
+    """The runtime_env of the run's Ray job: non-secret environment, optionally the code."""
+    env: dict = {"env_vars": {k: os.environ[k] for k in RUNTIME_ENV_VARS if k in os.environ}}
+    if working_dir:
+        env["working_dir"] = working_dir
+        env["excludes"] = list(WORKING_DIR_EXCLUDES)
+    return env
+
+
+def ensure_ray(address: str | None = None, working_dir: str | None = None) -> bool:
     """Connect to `address` (or RAY_ADDRESS), else start a local Ray on loopback.
 
+    `working_dir` (compute.working_dir) is shipped to a remote cluster with the job's
+    runtime_env; a local Ray runs the code of this process and ignores it.
     Returns True when this call started Ray (the caller then shuts it down).
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "PLASTICITY_CACHE") if k in os.environ}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env(working_dir), log_to_driver=True)
     else:
         _loopback_only()
         ray.init(
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env_vars},
+            runtime_env=runtime_env(),
             log_to_driver=True,
             configure_logging=False,
         )
     return True
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0))
+def cluster_gpus(resource: str = "GPU") -> float:
+    """How much of the accelerator resource (GPU, or a custom one) the cluster has."""
+    return float(ray.cluster_resources().get(resource, 0))
 
 
 # Handles of the actors this driver started. A named actor that is not detached lives as
@@ -119,16 +152,29 @@ class WorkerSpec:
 
 
 def _options(cfg: RunConfig, gpus: float) -> dict:
-    opts: dict = {"num_cpus": cfg.compute.cpus_per_worker}
-    if cluster_gpus() > 0:
-        opts["num_gpus"] = gpus
+    """Actor options: CPUs, the accelerator share when the cluster has the resource, and
+    bounded restarts (a restarted actor retries the call it was running; every stage
+    writes deterministic shard names, so a retry replaces rather than adds)."""
+    c = cfg.compute
+    opts: dict = {
+        "num_cpus": c.cpus_per_worker,
+        "max_restarts": c.actor_restarts,
+        "max_task_retries": c.actor_restarts,
+    }
+    if cluster_gpus(c.gpu_resource) > 0:
+        if c.gpu_resource == "GPU":
+            opts["num_gpus"] = gpus
+        else:
+            opts["resources"] = {c.gpu_resource: gpus}
     return opts
 
 
 def trainer_cpus(cfg: RunConfig) -> float:
     if cfg.compute.train_cpus is not None:
         return cfg.compute.train_cpus
-    if cluster_gpus() == 0 and len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+    if cluster_gpus(cfg.compute.gpu_resource) == 0 and len(
+        [n for n in ray.nodes() if n.get("Alive")]
+    ) == 1:
         return float(ray.cluster_resources().get("CPU", 1))
     return cfg.compute.cpus_per_worker
 
@@ -147,7 +193,7 @@ def start_trainer(cfg: RunConfig, run_id: str) -> WorkerSpec:
 def start_workers(cfg: RunConfig, run_id: str) -> list[WorkerSpec]:
     n = cfg.compute.num_workers
     if n is None:
-        gpus = cluster_gpus()
+        gpus = cluster_gpus(cfg.compute.gpu_resource)
         if gpus > 0:
             n = max(1, int(gpus / cfg.compute.eval_gpus))
         else:
@@ -155,8 +201,10 @@ def start_workers(cfg: RunConfig, run_id: str) -> list[WorkerSpec]:
     specs = []
     for k in range(n):
         name = f"plasticity-{run_id}-w{k}"
+        # SPREAD: evaluation actors go to different nodes where they can.
         _HANDLES[name] = RemoteStageWorker.options(
-            name=name, get_if_exists=True, **_options(cfg, cfg.compute.eval_gpus)
+            name=name, get_if_exists=True, scheduling_strategy="SPREAD",
+            **_options(cfg, cfg.compute.eval_gpus),
         ).remote(max(1, int(cfg.compute.cpus_per_worker)))
         specs.append(WorkerSpec(name))
     return specs

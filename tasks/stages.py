@@ -1,39 +1,105 @@
-"""Thin Prefect tasks: skip committed work, call a Ray actor, record shards in the manifest."""
+"""Thin Prefect tasks: skip committed work, call a Ray actor, record shards in the manifest.
+
+The run manifest is the source of truth for what is done. On top of it, each stage task
+caches its result per unit of work (stage, run id, unit, config digest) in result
+storage under the run's own storage root, so a re-run of a run id shows finished units
+as Cached. Tasks retry with backoff only on storage and network faults.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import ray
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE
+from prefect.runtime import task_run as current_task_run
 
 from plasticity.config import RunConfig
 from plasticity.stages import StageResult, report_stage, similarity_stage
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest
 from plasticity.train.checkpoint import CheckpointRef
-from tasks.actors import WorkerSpec, actor, start_trainer, stop
+from tasks.actors import NODE_KEY, WorkerSpec, actor, start_trainer, stop
+from tasks.runtime import (
+    RETRIES,
+    RETRY_BACKOFF_S,
+    RETRY_JITTER,
+    artifact_key,
+    detection_rows,
+    retry_on_storage_faults,
+    train_metrics_rows,
+    trained_steps,
+    unit_cache_key,
+)
+
+# Every stage task: cached per unit, results persisted as JSON (never pickle), retried
+# with backoff on storage and network faults only.
+STAGE_TASK = dict(
+    cache_key_fn=unit_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_BACKOFF_S,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_on_storage_faults,
+)
+# How often the fine-tuning task refreshes its progress artefact while the actor trains.
+PROGRESS_POLL_S = 2.0
 
 
 def _manifest(cfg: RunConfig, run_id: str) -> Manifest:
     return Manifest(Storage.from_config(cfg.storage), run_id)
 
 
-@task(name="finetune", cache_policy=NONE, task_run_name="finetune {cfg.model.source}")
+def _plasticity_run_name() -> str:
+    p = current_task_run.parameters
+    sources = ",".join(str(s.step) for s in p["sources"])
+    return f"plasticity target step={p['target'].step} <- sources {sources}"
+
+
+@task(name="finetune", **STAGE_TASK,
+      task_run_name="finetune {cfg.model.source} snapshots {cfg.train.snapshot_steps}")
 def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
     manifest = _manifest(cfg, run_id)
     unit = manifest.unit("finetune", "all")
     if unit and unit.get("status") == "done":
         return [CheckpointRef(**c) for c in unit["checkpoints"]]
+    storage = manifest.storage
+    total = max(1, cfg.train.max_steps)
+    progress = create_progress_artifact(
+        progress=100.0 * trained_steps(storage, run_id) / total,
+        key=artifact_key("finetune-progress", run_id),
+        description=f"Fine-tuning of run {run_id}: percent of {cfg.train.max_steps} steps written",
+    )
     spec = start_trainer(cfg, run_id)
     try:
-        refs, result = ray.get(actor(spec).finetune.remote(cfg, run_id))
+        pending = actor(spec).finetune.remote(cfg, run_id)
+        # The actor trains remotely; its progress shows in the train-metrics shards it writes.
+        while not ray.wait([pending], timeout=PROGRESS_POLL_S)[0]:
+            try:
+                update_progress_artifact(progress, 100.0 * trained_steps(storage, run_id) / total)
+            except Exception as exc:  # a progress display never fails the stage
+                get_run_logger().debug("progress not updated: %s", exc)
+        refs, result = ray.get(pending)
     finally:
         stop([spec])
+    node = result.summary.pop(NODE_KEY, None)
     manifest.commit(
-        "finetune", "all", result.shards, checkpoints=[dataclasses.asdict(r) for r in refs]
+        "finetune", "all", result.shards, checkpoints=[dataclasses.asdict(r) for r in refs],
+        **({NODE_KEY: node} if node else {}),
+    )
+    update_progress_artifact(progress, 100.0)
+    create_table_artifact(
+        table=train_metrics_rows(storage, run_id),
+        key=artifact_key("train-metrics", run_id),
+        description=f"Train metrics of run {run_id} (at most 200 steps, evenly spaced)",
     )
     return refs
 
@@ -43,11 +109,30 @@ def _run_unit(cfg: RunConfig, run_id: str, stage: str, key: str, call) -> StageR
     if manifest.is_done(stage, key):
         return None
     result: StageResult = ray.get(call())
-    manifest.commit(stage, key, result.shards, **{"summary": result.summary} if result.summary else {})
+    node = result.summary.pop(NODE_KEY, None)
+    info = {"summary": result.summary} if result.summary else {}
+    if node:
+        info[NODE_KEY] = node
+    manifest.commit(stage, key, result.shards, **info)
     return result
 
 
-@task(name="extract", cache_policy=NONE, task_run_name="extract step={ckpt.step}")
+@task(name="detection-table", cache_policy=NONE, retries=RETRIES,
+      retry_delay_seconds=RETRY_BACKOFF_S, retry_condition_fn=retry_on_storage_faults,
+      task_run_name="detection accuracy by layer")
+def detection_task(cfg: RunConfig, run_id: str) -> int:
+    """Publish detection accuracy by layer and checkpoint as a table artefact."""
+    manifest = _manifest(cfg, run_id)
+    rows = detection_rows(manifest.storage, manifest.committed_shards("directions"))
+    create_table_artifact(
+        table=rows, key=artifact_key("detection-by-layer", run_id),
+        description=f"Detection accuracy on the test pairs by layer (rows) and checkpoint "
+                    f"(columns), run {run_id}",
+    )
+    return len(rows)
+
+
+@task(name="extract", **STAGE_TASK, task_run_name="extract checkpoint step={ckpt.step}")
 def extract_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
     _run_unit(
         cfg, run_id, "extract", f"step={ckpt.step}",
@@ -55,7 +140,7 @@ def extract_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: Worke
     )
 
 
-@task(name="plasticity", cache_policy=NONE, task_run_name="plasticity target step={target.step}")
+@task(name="plasticity", **STAGE_TASK, task_run_name=_plasticity_run_name)
 def plasticity_task(
     cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef], worker: WorkerSpec
 ) -> None:
@@ -65,7 +150,7 @@ def plasticity_task(
     )
 
 
-@task(name="vocab", cache_policy=NONE, task_run_name="vocab step={ckpt.step}")
+@task(name="vocab", **STAGE_TASK, task_run_name="vocab checkpoint step={ckpt.step}")
 def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
     _run_unit(
         cfg, run_id, "vocab", f"step={ckpt.step}",
