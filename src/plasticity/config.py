@@ -246,6 +246,82 @@ class PlasticityConfig:
 @dataclass
 class VocabConfig:
     top_k: int = field(default=20, metadata=_doc("Tokens kept per sign and vector.", _positive))
+    variants: list[Literal["raw", "lnf"]] = field(
+        default_factory=lambda: ["raw", "lnf"],
+        metadata=_doc(
+            "Projections: 'raw' (E v), 'lnf' (final norm gain times the centred vector). "
+            "Models with untied embeddings also get 'raw_in' (the input embedding).",
+            _non_empty,
+        ),
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata=_doc(
+            "Layers whose weight vectors and OV/QK circuits are read (None: the steered "
+            "layers, plasticity.layers, else the middle layer).",
+            _non_negative_items,
+        ),
+    )
+    objects: list[Literal["ff_key", "ff_up", "ff_value", "attn_q", "attn_k", "attn_v", "attn_out"]] = field(
+        default_factory=lambda: ["ff_key", "ff_up", "ff_value", "attn_q", "attn_k", "attn_v", "attn_out"],
+        metadata=_doc(
+            "Weight vectors projected per layer of vocab.layers (ff_up only exists in gated "
+            "MLPs); each also as its delta against the base checkpoint."
+        ),
+    )
+    vectors_per_object: int = field(
+        default=8,
+        metadata=_doc(
+            "Vectors projected per object and layer: the largest-norm ones in the base "
+            "model (deltas: the largest delta norms).",
+            _positive,
+        ),
+    )
+    delta_svd: int = field(
+        default=1,
+        metadata=_doc(
+            "Top singular vectors (residual side) of every weight matrix's delta projected, "
+            "per layer (0: none).",
+            _non_negative,
+        ),
+    )
+    circuits: list[Literal["ov", "qk", "delta_ov", "delta_qk"]] = field(
+        default_factory=lambda: ["ov", "qk", "delta_ov", "delta_qk"],
+        metadata=_doc("Vocab x vocab circuits whose exact top-k entries are found per head."),
+    )
+    circuit_heads: list[int] | None = field(
+        default=None,
+        metadata=_doc("Heads of vocab.layers read as circuits (None: every head).", _non_negative_items),
+    )
+    circuit_top_k: int = field(
+        default=50, metadata=_doc("Circuit entries kept per sign, head and circuit.", _positive)
+    )
+    circuit_screen: Literal["bfloat16", "float32"] = field(
+        default="bfloat16",
+        metadata=_doc(
+            "Screening product of the exact circuit top-k: 'bfloat16' (fast, with a "
+            "rigorous error bound) or 'float32'."
+        ),
+    )
+    concepts: list[str] = field(
+        default_factory=lambda: ["honesty", "deception"],
+        metadata=_doc("Word lists for concept scores: shipped names or text files.", _non_empty),
+    )
+    null_samples: int = field(
+        default=100,
+        metadata=_doc("Random vectors in the null of each concept score.", _positive),
+    )
+    align_objects: list[Literal["ff_key", "ff_value"]] = field(
+        default_factory=lambda: ["ff_key", "ff_value"],
+        metadata=_doc("Parameter kinds aligned between checkpoints in vocabulary space."),
+    )
+    align_vectors: int = field(
+        default=64,
+        metadata=_doc(
+            "Vectors per layer in the alignment (largest norm in the base model).", _positive
+        ),
+    )
+    seed: int = field(default=0, metadata=_doc("Seed of the null vectors."))
 
 
 @dataclass
@@ -477,6 +553,23 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
     if 0.0 not in cfg.plasticity.alphas:
         errors.append(
             f"plasticity.alphas: must include 0 (the unsteered baseline), got {cfg.plasticity.alphas}"
+        )
+    v = cfg.vocab
+    for name in ("variants", "objects", "circuits", "concepts", "align_objects"):
+        values = getattr(v, name)
+        if len(set(values)) != len(values):
+            errors.append(f"vocab.{name}: duplicate entries in {values}")
+    from importlib import resources
+
+    shipped = resources.files("plasticity.data") / "files" / "concept_words"
+    missing = [
+        c for c in v.concepts
+        if not (shipped / f"{c}.txt").is_file() and not Path(c).expanduser().is_file()
+    ]
+    if missing:
+        errors.append(
+            f"vocab.concepts: {missing} are neither shipped word lists (honesty, deception) "
+            "nor files"
         )
     uri = cfg.storage.uri
     if not (uri.startswith("file://") or uri.startswith("s3://") or uri.startswith("memory://")):

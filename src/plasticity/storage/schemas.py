@@ -145,5 +145,63 @@ TABLES: dict[str, TableSpec] = {
                 ("score", pa.float64()),
             ),
         ),
+        TableSpec(
+            "circuit_topk",
+            _RUN_STEP,
+            (
+                ("circuit", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
+                ("sign", pa.int8()), ("rank", pa.int32()), ("src_token_id", pa.int64()),
+                ("dst_token_id", pa.int64()), ("src_token", pa.string()),
+                ("dst_token", pa.string()), ("score", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "concept_scores",
+            _RUN_STEP,
+            (
+                ("object", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
+                ("index", pa.int64()), ("sign", pa.int8()), ("concept", pa.string()),
+                ("variant", pa.string()), ("k", pa.int32()), ("precision_at_k", pa.float64()),
+                ("auroc", pa.float64()), ("mean_rank", pa.float64()),
+                ("null_percentile", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "vocab_similarity",
+            _RUN,
+            (
+                ("object", pa.string()), ("variant", pa.string()), ("layer", pa.int32()),
+                ("head", pa.int32()), ("index", pa.int64()), ("step_a", pa.int64()),
+                ("step_b", pa.int64()), ("k", pa.int32()), ("jaccard_at_k", pa.float64()),
+                ("jaccard_bottom_at_k", pa.float64()), ("spearman", pa.float64()),
+                ("vocab_cosine", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "vocab_alignment",
+            _RUN,
+            (
+                ("object", pa.string()), ("step_a", pa.int64()), ("step_b", pa.int64()),
+                ("layer_a", pa.int32()), ("layer_b", pa.int32()), ("n_vectors", pa.int32()),
+                ("correlation", pa.float64()), ("layer_match", pa.bool_()),
+            ),
+        ),
+        TableSpec(
+            "delta_stats",
+            _RUN_STEP,
+            (
+                ("param", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
+                ("delta_norm", pa.float64()), ("relative_delta_norm", pa.float64()),
+                ("top_singular_values", pa.list_(pa.float64())),
+            ),
+        ),
+        TableSpec(
+            "token_meta",
+            _RUN,
+            (
+                ("token_id", pa.int64()), ("token", pa.string()), ("leading_space", pa.bool_()),
+                ("is_alpha", pa.bool_()), ("concept", pa.string()),
+            ),
+        ),
     ]
 }

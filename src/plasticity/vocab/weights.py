@@ -67,7 +67,7 @@ def _repeat_kv(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _config_heads(config) -> tuple[int, int]:
-    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     return int(n_heads), int(n_kv)
 

@@ -1,0 +1,182 @@
+"""Scores of vocabulary projections: concept word lists, drift between checkpoints,
+circuit similarity through d x d Gram matrices, and parameter alignment between models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# -- concept scores ---------------------------------------------------------------------
+
+
+def concept_scores(
+    scores: torch.Tensor, concept_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each column of `scores` (V x n): precision@k of the concept tokens among the
+    top k, AUROC of concept tokens against the rest (the probability that a concept
+    token outscores another token, ties counted half) and the mean rank (1 = top) of the
+    concept tokens. Returns three tensors of n values (float64)."""
+    v, n = scores.shape
+    ids = torch.unique(concept_ids.long())
+    if ids.numel() == 0:
+        raise ValueError("concept_ids: the concept has no token in this vocabulary")
+    if not 0 < k <= v:
+        raise ValueError(f"k: expected 1..{v}, got {k}")
+    if int(ids.max()) >= v or int(ids.min()) < 0:
+        raise ValueError(f"concept_ids: ids outside the vocabulary of {v} tokens")
+    m = ids.numel()
+    s = scores.double()
+    # Mann-Whitney with average ranks for ties: ranks in ascending order.
+    sorted_t = torch.sort(s, dim=0).values.t().contiguous()  # (n x V) ascending
+    cs = s[ids].t().contiguous()  # (n x m) concept scores
+    # Average ascending rank over ties: mean of the first and last position of the value.
+    lo = torch.searchsorted(sorted_t, cs, right=False) + 1
+    hi = torch.searchsorted(sorted_t, cs, right=True)
+    concept_asc = ((lo + hi).double() / 2).t()  # (m x n)
+    u = concept_asc.sum(0) - m * (m + 1) / 2
+    auroc = u / (m * (v - m)) if v > m else torch.full((n,), float("nan"), dtype=torch.float64)
+    mean_rank = (v + 1 - concept_asc).mean(0)  # descending rank, 1 = top
+    top = torch.topk(s, k, dim=0).indices  # (k x n)
+    member = torch.zeros(v, dtype=torch.bool)
+    member[ids] = True
+    precision = member[top].double().mean(0)
+    return precision, auroc, mean_rank
+
+
+def null_percentile(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """Percentile (0-100) of each observed value within the null sample (ties half)."""
+    obs = observed.double().unsqueeze(1)
+    nul = null.double().unsqueeze(0)
+    below = (nul < obs).double().sum(1) + 0.5 * (nul == obs).double().sum(1)
+    return 100.0 * below / null.numel()
+
+
+# -- drift -------------------------------------------------------------------------------
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    sa, sb = set(a.tolist()), set(b.tolist())
+    return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each column pair (V x n), average ranks for ties."""
+    def avg_ranks(s: torch.Tensor) -> torch.Tensor:
+        s = s.double()
+        sv, _ = torch.sort(s, dim=0)
+        st, sc = sv.t().contiguous(), s.t().contiguous()
+        lo = torch.searchsorted(st, sc, right=False).t() + 1
+        hi = torch.searchsorted(st, sc, right=True).t()
+        return (lo + hi).double() / 2
+
+    rx, ry = avg_ranks(x), avg_ranks(y)
+    rx, ry = rx - rx.mean(0), ry - ry.mean(0)
+    return (rx * ry).sum(0) / (rx.norm(dim=0) * ry.norm(dim=0))
+
+
+def cosine_columns(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x, y = x.double(), y.double()
+    return (x * y).sum(0) / (x.norm(dim=0) * y.norm(dim=0))
+
+
+# -- circuits ------------------------------------------------------------------------------
+
+
+def circuit_inner(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+    cross_left: torch.Tensor, cross_right: torch.Tensor,
+) -> float:
+    """<L1 a1 b1^T R1^T, L2 a2 b2^T R2^T> (Frobenius) without building the V x V matrices.
+
+    a_i, b_i: d x r factors of the d x d middle matrix M_i = a_i b_i^T; cross_left =
+    L1^T L2 and cross_right = R1^T R2 (d x d). Equals tr(M1^T CL M2 CR^T)."""
+    a1, b1, a2, b2 = (t.double() for t in (a1, b1, a2, b2))
+    cl, cr = cross_left.double(), cross_right.double()
+    # tr(b1 a1^T CL a2 b2^T CR^T) = tr((a1^T CL a2)(b2^T CR^T b1))
+    return float(torch.trace((a1.t() @ cl @ a2) @ (b2.t() @ cr.t() @ b1)))
+
+
+def circuit_cosine(
+    factors_1: tuple[torch.Tensor, torch.Tensor], factors_2: tuple[torch.Tensor, torch.Tensor],
+    left_1: torch.Tensor, right_1: torch.Tensor, left_2: torch.Tensor, right_2: torch.Tensor,
+) -> float:
+    """Cosine between L1 M1 R1^T and L2 M2 R2^T (vocab x vocab), M_i = a_i b_i^T, via
+    d x d Gram matrices of the embeddings L_i, R_i (V x d)."""
+    l1, r1, l2, r2 = (t.double() for t in (left_1, right_1, left_2, right_2))
+    g_l11, g_r11 = l1.t() @ l1, r1.t() @ r1
+    g_l22, g_r22 = l2.t() @ l2, r2.t() @ r2
+    g_l12, g_r12 = l1.t() @ l2, r1.t() @ r2
+    (a1, b1), (a2, b2) = factors_1, factors_2
+    n1 = circuit_inner(a1, b1, a1, b1, g_l11, g_r11)
+    n2 = circuit_inner(a2, b2, a2, b2, g_l22, g_r22)
+    return circuit_inner(a1, b1, a2, b2, g_l12, g_r12) / (n1 * n2) ** 0.5
+
+
+# -- parameter alignment -----------------------------------------------------------------
+
+
+def vocab_correlation(x: torch.Tensor, y: torch.Tensor, e_x: torch.Tensor, e_y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over the vocabulary between E_x x_i and E_y y_j for every pair
+    of rows (x: n x d, y: m x d; E: V x d sharing the vocabulary), through d x d Gram
+    matrices of the centred embeddings: never a length-V vector per parameter."""
+    if e_x.shape[0] != e_y.shape[0]:
+        raise ValueError(f"e_x, e_y: vocabularies differ ({e_x.shape[0]} vs {e_y.shape[0]} tokens)")
+    ex, ey = e_x.double(), e_y.double()
+    ex, ey = ex - ex.mean(0), ey - ey.mean(0)
+    c_xy, c_xx, c_yy = ex.t() @ ey, ex.t() @ ex, ey.t() @ ey
+    xd, yd = x.double(), y.double()
+    cov = xd @ c_xy @ yd.t()
+    sx = ((xd @ c_xx) * xd).sum(1).clamp_min(0).sqrt()
+    sy = ((yd @ c_yy) * yd).sum(1).clamp_min(0).sqrt()
+    return cov / (sx.unsqueeze(1) * sy.unsqueeze(0))
+
+
+def matched_correlation(corr: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean correlation of the one-to-one matching of rows to columns that maximises it
+    (Hungarian algorithm); returns the mean and the matched column of each row."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = torch.nan_to_num(corr.double(), nan=-1.0).numpy()
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return float(c[rows, cols].mean()), torch.as_tensor(cols)
+
+
+@dataclass
+class Alignment:
+    """Per layer pair (i of model x, j of model y): mean Hungarian-matched correlation of
+    the layers' parameter vectors in vocabulary space; `layer_match[i]` is the layer of y
+    the Hungarian matching of layers assigns to layer i of x."""
+
+    layers_x: list[int]
+    layers_y: list[int]
+    score: torch.Tensor  # (len(layers_x), len(layers_y))
+    layer_match: dict[int, int]
+
+
+def align_layers(
+    vectors_x: dict[int, torch.Tensor], vectors_y: dict[int, torch.Tensor],
+    e_x: torch.Tensor, e_y: torch.Tensor,
+) -> Alignment:
+    """Align two models' layers by their parameter vectors (e.g. FF keys) in vocabulary
+    space: vectors_* map a layer to its (n x d) vectors."""
+    from scipy.optimize import linear_sum_assignment
+
+    lx, ly = sorted(vectors_x), sorted(vectors_y)
+    if not lx or not ly:
+        raise ValueError("vectors_x, vectors_y: need at least one layer each")
+    ex, ey = e_x.double(), e_y.double()
+    ex, ey = ex - ex.mean(0), ey - ey.mean(0)
+    c_xy, c_xx, c_yy = ex.t() @ ey, ex.t() @ ex, ey.t() @ ey
+    norm_x = {i: ((vectors_x[i].double() @ c_xx) * vectors_x[i].double()).sum(1).sqrt() for i in lx}
+    norm_y = {j: ((vectors_y[j].double() @ c_yy) * vectors_y[j].double()).sum(1).sqrt() for j in ly}
+    proj_x = {i: vectors_x[i].double() @ c_xy for i in lx}
+    score = torch.empty(len(lx), len(ly), dtype=torch.float64)
+    for a, i in enumerate(lx):
+        for b, j in enumerate(ly):
+            corr = (proj_x[i] @ vectors_y[j].double().t()) / (
+                norm_x[i].unsqueeze(1) * norm_y[j].unsqueeze(0)
+            )
+            score[a, b] = matched_correlation(corr)[0]
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    return Alignment(lx, ly, score, {lx[r]: ly[c] for r, c in zip(rows, cols, strict=True)})
