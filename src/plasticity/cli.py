@@ -1,4 +1,4 @@
-"""`plasticity` command line: run the timeline, or validate a config."""
+"""`plasticity` command line: run the timeline, validate a config, or report on a run."""
 
 from __future__ import annotations
 
@@ -60,6 +60,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Regenerate a run's statistics, figures and summary from its Parquet tables."""
+    validate_run_id(args.run_id)
+    from plasticity.config import StorageConfig, config_from_dict
+    from plasticity.storage import Manifest, Storage
+
+    storage_cfg = StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url)
+    if not storage_cfg.uri.startswith(("file://", "s3://", "memory://")):
+        raise ConfigError([f"--storage: expected file://PATH or s3://bucket/prefix, got {storage_cfg.uri!r}"])
+    storage = Storage.from_config(storage_cfg)
+    manifest = Manifest(storage, args.run_id).read()
+    if manifest is None:
+        raise ConfigError([f"--run-id: no run {args.run_id!r} under {storage.uri} (no manifest)"])
+    config = dict(manifest["config"])
+    # The tables are where they are now, whatever the run's own storage setting was.
+    config["storage"] = {**config.get("storage", {}), "uri": storage_cfg.uri,
+                         "endpoint_url": storage_cfg.endpoint_url}
+    cfg = config_from_dict(config)
+    from plasticity.analysis.report import build_report
+    from plasticity.storage.shards import CorruptShardError
+
+    try:
+        rep = build_report(Storage.from_config(cfg.storage), args.run_id, cfg)
+    except (FileNotFoundError, CorruptShardError) as exc:
+        print(f"plasticity: report of run {args.run_id} failed: {exc}", file=sys.stderr)
+        return 1
+    print(rep.markdown)
+    for name, uri in rep.figure_uris.items():
+        print(f"  {name}: {uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plasticity",
@@ -87,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(val)
     val.add_argument("--show", action="store_true", help="print the resolved config as JSON")
     val.set_defaults(func=cmd_validate)
+
+    rep = sub.add_parser(
+        "report", help="regenerate a run's statistics, figures and summary from its tables",
+        description="Recompute plasticity_stats, the figures and summary.md of a finished (or "
+        "partly finished) run from its Parquet tables alone, and print the summary.",
+    )
+    rep.add_argument("--run-id", required=True, metavar="ID", help="the run to report on")
+    rep.add_argument("--storage", default="file://./runs", metavar="URI",
+                     help="storage root holding the run (default: file://./runs)")
+    rep.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// storage")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

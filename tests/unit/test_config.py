@@ -63,6 +63,12 @@ def test_unknown_keys_are_named_at_every_level():
         ({"storage": {"uri": "ftp://x"}}, "storage.uri: expected file://PATH or s3://"),
         ({"model": "tiny"}, "model: expected a mapping"),
         ({"concept": {"layers": [-1]}}, "concept.layers: expected values >= 0"),
+        ({"plasticity": {"layers": [[1], []]}}, "plasticity.layers: expected every layer set to be non-empty"),
+        ({"plasticity": {"layers": [[1], [-2]]}}, "plasticity.layers: expected layers >= 0, got [-2]"),
+        ({"plasticity": {"layers": [[1], "x"]}}, "plasticity.layers: expected a list of an integer or a list of"),
+        ({"plasticity": {"operators": ["add", "add"]}}, "plasticity.operators: duplicate operators"),
+        ({"plasticity": {"operators": ["scale"]}}, "plasticity.operators[0]: expected one of 'add'"),
+        ({"plasticity": {"null_seeds": -1}}, "plasticity.null_seeds: expected a number >= 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field(data, message):
@@ -121,3 +127,17 @@ def test_every_field_has_a_docstring():
     docs = field_docs()
     assert "train.lr" in docs and "storage.endpoint_url" in docs
     assert all(docs.values()), [k for k, v in docs.items() if not v]
+
+
+def test_layer_sets_are_one_list_or_a_list_of_lists():
+    from plasticity.config import layer_sets
+
+    one = config_from_dict({"plasticity": {"layers": [2, 3]}})
+    many = config_from_dict({"plasticity": {"layers": [[1], [2, 3]]}})
+    assert layer_sets(one.plasticity.layers) == [[2, 3]]
+    assert layer_sets(many.plasticity.layers) == [[1], [2], [3]][:1] + [[2, 3]]
+    assert layer_sets(None) is None
+    # Every steered layer of every set is checked against the model and the extraction.
+    cfg = config_from_dict({"concept": {"layers": [1, 2]}, "plasticity": {"layers": [[1], [2, 7]]}})
+    errors = preflight(cfg)
+    assert any("plasticity.layers: layers [7] are outside the model's 0..3" in e for e in errors)

@@ -320,3 +320,49 @@ def test_another_concept_is_only_config(tmp_path):
     assert sorted(set(dirs.column("layer").to_pylist())) == [1, 2]
     vf = stages.load_vectors(storage, "m1", 0, "mood")
     assert vf.metadata["positive"] == "a cheerful" and "Imagine you are" in vf.metadata["template"]
+
+
+def _copy_run(storage, src: str, dst: str) -> None:
+    for path in storage.fs.find(storage.path("runs", src)):
+        rel = path[len(storage.path("runs", src)) + 1 :]
+        storage.write_bytes(storage.path("runs", dst, rel), storage.read_bytes(path))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("tokenizer_sha256", "0" * 64, "another tokenizer"),
+    ("d_model", "48", "wide"),
+])
+def test_sources_with_another_tokenizer_or_width_are_refused_before_compute(run, field, value, message):
+    from safetensors.torch import save
+
+    from plasticity.steering.vectors import read_vector_file
+
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    rid = f"mixed-{field}"
+    _copy_run(storage, "t1", rid)
+    path = stages.vectors_path(storage, rid, refs[-1].step, "honesty")
+    vf = read_vector_file(storage.read_bytes(path))
+    storage.write_bytes(path, save(vf.tensors, metadata={**vf.metadata, field: value}))
+    with pytest.raises(ValueError, match=f"source step {refs[-1].step}: .*{message}"):
+        stages.plasticity_stage(cfg, rid, refs[0], refs)
+    assert not storage.fs.glob(storage.path("tables", "plasticity", f"run_id={rid}", "**"))
+
+
+def test_report_command_regenerates_the_report_from_the_tables(run, capsys):
+    from plasticity.cli import main
+    from plasticity.storage.manifest import Manifest
+
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    Manifest(storage, "t1").open(cfg.to_dict())
+    stages.similarity_stage(cfg, "t1")
+    summary = storage.path("runs", "t1", "report", "summary.md")
+    if storage.exists(summary):
+        storage.fs.rm(summary)
+    assert main(["report", "--run-id", "t1", "--storage", cfg.storage.uri]) == 0
+    out = capsys.readouterr().out
+    assert "Kruskal-Wallis" in out and "plasticity_matrix" in out
+    assert storage.read_bytes(summary).decode().strip() in out
+    assert main(["report", "--run-id", "nosuchrun", "--storage", cfg.storage.uri]) == 2
+    assert "no run 'nosuchrun'" in capsys.readouterr().err

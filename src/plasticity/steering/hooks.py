@@ -214,11 +214,12 @@ class RowSteering:
         self.lm = lm
         self.operator = operator
         self.scale = {layer: float((scale or {}).get(layer, 1.0)) for layer in directions}
-        # Unit vectors once, in float32; each hook casts them to the hidden dtype.
+        # Unit vectors once, in float64; each hook casts them to the hidden dtype.
         self.units = {
-            layer: (stack.float() / stack.float().norm(dim=-1, keepdim=True))
+            layer: (stack.double() / stack.double().norm(dim=-1, keepdim=True))
             for layer, stack in directions.items()
         }
+        self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._index: torch.Tensor | None = None
         self._coef: torch.Tensor | None = None
         self._handles: list = []
@@ -241,8 +242,10 @@ class RowSteering:
             active = index >= 0
             if not bool(active.any()):
                 return output
-            units = self.units[layer].to(hidden.device)
-            u = units[index.clamp(min=0)]
+            key = (layer, hidden.dtype, hidden.device)
+            if key not in self._cast:
+                self._cast[key] = self.units[layer].to(hidden.device, hidden.dtype)
+            u = self._cast[key][index.clamp(min=0)]
             a = (self._coef * self.scale[layer]).to(hidden.device, hidden.dtype)
             steered = apply_operator(hidden, u, a, self.operator)
             steered = torch.where(active[:, None, None], steered, hidden)
