@@ -562,30 +562,10 @@ def plasticity_stage(
 def vocab_stage(
     cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None
 ) -> StageResult:
-    """Top-k and bottom-k tokens of each direction through the checkpoint's unembedding."""
-    from plasticity.vocab.project import topk_tokens
+    """Vocabulary-space readings of one checkpoint: see `plasticity.vocab.stage`."""
+    from plasticity.vocab.stage import vocab_stage as run
 
-    storage = Storage.from_config(cfg.storage)
-    lm = lm or load_checkpoint(storage, ckpt.path, cfg.model)
-    c = cfg.concept
-    vecs = load_vectors(storage, run_id, ckpt.step, c.name).tensors
-    unembed = lm.adapter.unembedding_matrix(lm.model).detach()
-    rows = Rows("vocab_topk")
-    # The reader whose direction steers in the plasticity grid.
-    method = cfg.plasticity.method
-    for key in sorted(k for k in vecs if k.startswith(f"{method}.")):
-        layer = int(key.split(".")[1])
-        for ts in topk_tokens(unembed, vecs[key], cfg.vocab.top_k):
-            rows.add(
-                object="direction", variant="raw", layer=layer, head=None, index=0,
-                sign=ts.sign, rank=ts.rank, token_id=ts.token_id,
-                token=lm.tokenizer.decode([ts.token_id]), score=ts.score,
-            )
-    path = write_shard(
-        storage, "vocab_topk", {"run_id": run_id, "checkpoint_step": ckpt.step},
-        f"{c.name}-direction-{method}", rows.columns,
-    )
-    return StageResult(shards=[path])
+    return run(cfg, run_id, ckpt, lm)
 
 
 # -- report -----------------------------------------------------------------------------
