@@ -1,0 +1,424 @@
+// Fused 4-bit AdamW step for one contiguous float32 tensor on the CPU.
+//
+// Built on first use by plasticity.optim._cpu (torch.utils.cpp_extension). Compiled
+// without fast-math and with -ffp-contract=off: every operation rounds exactly as the
+// pure-PyTorch path in plasticity.optim.adamw4bit does, so both give identical bits.
+//
+// Codes: two 4-bit codes per byte, element 2k in the low nibble of byte k, element
+// 2k+1 in the high nibble. Second-moment modes: 0 = rank-1 (scale of (i, j) is
+// min(row_scale[i], col_scale[j]) over a (rows x cols) view), 1 = block-wise (absmax of
+// each block), 2 = factored (v = row_factor[i] * col_factor[batch(i) * cols + j]).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr double kSignedMapD[16] = {-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325,
+                                    -0.0055, 0.0,     0.0055,  0.0325,  0.0775,  0.2125,
+                                    0.4375,  0.6625,  0.8875,  1.0};
+
+struct Maps {
+  float signed_map[16];
+  float signed_mid[15];
+  float unsigned_map[16];
+  Maps() {
+    for (int k = 0; k < 16; ++k) {
+      signed_map[k] = static_cast<float>(kSignedMapD[k]);
+      unsigned_map[k] = static_cast<float>((k + 1) / 16.0);
+    }
+    for (int k = 0; k < 15; ++k) {
+      signed_mid[k] = static_cast<float>((kSignedMapD[k] + kSignedMapD[k + 1]) * 0.5);
+    }
+  }
+};
+const Maps kMaps;
+
+inline uint32_t bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+// out[k] = table[idx[k]] * scale for a 16-entry table (a register permute, not a gather).
+inline void lookup16(const uint8_t* idx, const float* table, float scale, float* out,
+                     int64_t len) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 t = _mm512_loadu_ps(table);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (; k + 16 <= len; k += 16) {
+    const __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + k)));
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(i, t), s));
+  }
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_loadu_ps(table), hi = _mm256_loadu_ps(table + 8);
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256i seven = _mm256_set1_epi32(7);
+  for (; k + 8 <= len; k += 8) {
+    const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + k)));
+    const __m256 a = _mm256_permutevar8x32_ps(lo, i), b = _mm256_permutevar8x32_ps(hi, i);
+    const __m256 sel = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven));
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_blendv_ps(a, b, sel), s));
+  }
+#endif
+  for (; k < len; ++k) out[k] = table[idx[k]] * scale;
+}
+
+// cm[k] = the number of the 15 sorted decision boundaries below M[k] * inv (the nearest
+// code of the signed map), by a branchless binary search.
+inline void quantize_signed(const float* M, float inv, const float* mid, uint8_t* out,
+                            int64_t len) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  float padded[16];
+  std::memcpy(padded, mid, 15 * sizeof(float));
+  padded[15] = INFINITY;
+  const __m512 tab = _mm512_loadu_ps(padded);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; k + 16 <= len; k += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(M + k), vinv);
+    __m512i idx = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+      const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+      const __mmask16 gt = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(probe, tab), _CMP_GT_OQ);
+      idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(step));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(idx));
+  }
+#endif
+  for (; k < len; ++k) {
+    const float x = M[k] * inv;
+    int idx = 0;
+    for (int step = 8; step >= 1; step >>= 1) {
+      if (x > mid[idx + step - 1]) idx += step;
+    }
+    out[k] = static_cast<uint8_t>(idx);
+  }
+}
+
+// 1 / s, or 0 for s == 0 (then every value it scales is 0 too).
+inline float inv_or_zero(float s) { return s > 0.0f ? 1.0f / s : 0.0f; }
+
+inline float unsigned_code_arg(float x) { return x * 16.0f - 0.5f; }
+
+// Nearest value of the zero-free linear map (k+1)/16 for x in [0, 1]; ties go down.
+inline uint8_t unsigned_code(float x) {
+  float c = std::ceil(unsigned_code_arg(x)) - 1.0f;
+  c = c < 0.0f ? 0.0f : c;
+  c = c > 15.0f ? 15.0f : c;
+  return static_cast<uint8_t>(c);
+}
+
+inline uint8_t nibble(const uint8_t* codes, int64_t e) {
+  return (codes[e >> 1] >> ((e & 1) << 2)) & 15;
+}
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+void check_u8(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kUInt8 && t.is_contiguous(),
+              name, " must be a contiguous uint8 CPU tensor");
+}
+
+}  // namespace
+
+// True when every element of `t` is finite.
+bool all_finite(torch::Tensor t) {
+  check_f32(t, "tensor");
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(t.data_ptr<float>());
+  const int64_t n = t.numel();
+  uint32_t bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static)
+  for (int64_t e = 0; e < n; ++e) {
+    bad |= static_cast<uint32_t>((x[e] & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
+// Pass 1 of a rank-1 step: the row and column maxima of the NEW second moment, without
+// writing it, and whether it is finite. `grad` is viewed as (rows x cols).
+std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes,
+                                       torch::Tensor row_scale, torch::Tensor col_scale,
+                                       int64_t cols, bool fresh, double beta2) {
+  check_f32(grad, "grad");
+  check_u8(v_codes, "v_codes");
+  check_f32(row_scale, "row_scale");
+  check_f32(col_scale, "col_scale");
+  const int64_t n = grad.numel();
+  const int64_t rows = n / cols;
+  TORCH_CHECK(rows * cols == n, "rank1_stats: cols does not divide numel");
+  const float b2 = static_cast<float>(beta2);
+  const float omb2 = static_cast<float>(1.0 - beta2);
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* vc = v_codes.data_ptr<uint8_t>();
+  const float* rs = row_scale.data_ptr<float>();
+  const float* cs = col_scale.data_ptr<float>();
+  auto row_max = torch::empty({rows}, grad.options());
+  auto col_max = torch::zeros({cols}, grad.options());
+  float* rm = row_max.data_ptr<float>();
+  float* cm = col_max.data_ptr<float>();
+  const float* vmap = kMaps.unsigned_map;
+  uint32_t bad = 0;
+#pragma omp parallel reduction(| : bad)
+  {
+    // Non-negative floats order like their bit patterns: integer maxima vectorize.
+    std::vector<uint32_t> cmax(cols, 0u);
+    std::vector<float> vnew(cols);
+    std::vector<uint8_t> cv(cols);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t e0 = i * cols;
+      const float* gi = g + e0;
+      if (fresh) {
+        for (int64_t j = 0; j < cols; ++j) {
+          const float gj = gi[j];
+          vnew[j] = 0.0f * b2 + (gj * gj) * omb2;
+        }
+      } else {
+        if ((e0 & 1) == 0) {
+          const uint8_t* vb = vc + e0 / 2;
+          const int64_t pairs = cols / 2;
+          for (int64_t q = 0; q < pairs; ++q) {
+            const uint8_t byte = vb[q];
+            cv[2 * q] = byte & 15;
+            cv[2 * q + 1] = byte >> 4;
+          }
+          if (cols & 1) cv[cols - 1] = vb[pairs] & 15;
+        } else {
+          for (int64_t j = 0; j < cols; ++j) cv[j] = nibble(vc, e0 + j);
+        }
+        const float ri = rs[i];
+        for (int64_t j = 0; j < cols; ++j) {
+          const float s = std::min(ri, cs[j]);
+          const float vo = ((static_cast<float>(cv[j]) + 1.0f) * 0.0625f) * s;
+          const float gj = gi[j];
+          vnew[j] = vo * b2 + (gj * gj) * omb2;
+        }
+      }
+      uint32_t rmax = 0u, rbad = 0u;
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint32_t u = bits(vnew[j]);
+        rbad |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+        rmax = std::max(rmax, u);
+        cmax[j] = std::max(cmax[j], u);
+      }
+      bad |= rbad;
+      float r;
+      std::memcpy(&r, &rmax, sizeof(r));
+      rm[i] = r;
+    }
+#pragma omp critical
+    {
+      for (int64_t j = 0; j < cols; ++j) {
+        float c;
+        std::memcpy(&c, &cmax[j], sizeof(c));
+        cm[j] = std::max(cm[j], c);
+      }
+    }
+  }
+  auto finite = torch::full({1}, bad == 0 ? 1 : 0, torch::dtype(torch::kInt32));
+  return {row_max, col_max, finite};
+}
+
+// Pass 2: dequantize, update and requantize both moments, and update the parameter, one
+// block of the first moment at a time. Scales of the second moment: mode 0 reads the old
+// (row_old, col_old) and new (row_new, col_new) rank-1 scale vectors; mode 1 reads and
+// rewrites v_scale per block; mode 2 takes v from (row_new, col_new) factors.
+void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
+                torch::Tensor m_scale, torch::Tensor v_codes, torch::Tensor v_scale,
+                torch::Tensor row_old, torch::Tensor col_old, torch::Tensor row_new,
+                torch::Tensor col_new, int64_t mode, int64_t cols, int64_t rows_per_batch,
+                bool fresh, double decay, double beta1, double beta2, double inv_bc2_sqrt,
+                double eps, double step_size, int64_t block) {
+  check_f32(param, "param");
+  check_f32(grad, "grad");
+  check_u8(m_codes, "m_codes");
+  check_f32(m_scale, "m_scale");
+  check_f32(row_new, "row_new");
+  check_f32(col_new, "col_new");
+  TORCH_CHECK(block > 0 && block % 2 == 0, "block must be even");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0, 1 or 2");
+  if (mode != 2) check_u8(v_codes, "v_codes");
+  if (mode == 1) check_f32(v_scale, "v_scale");
+  if (mode == 0) {
+    check_f32(row_old, "row_old");
+    check_f32(col_old, "col_old");
+  }
+  const int64_t n = param.numel();
+  const int64_t nb = (n + block - 1) / block;
+  const float fdecay = static_cast<float>(decay);
+  const float b1 = static_cast<float>(beta1), omb1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2), omb2 = static_cast<float>(1.0 - beta2);
+  const float ibc2 = static_cast<float>(inv_bc2_sqrt);
+  const float feps = static_cast<float>(eps);
+  const float ss = static_cast<float>(step_size);
+  float* P = param.data_ptr<float>();
+  const float* G = grad.data_ptr<float>();
+  uint8_t* MC = m_codes.data_ptr<uint8_t>();
+  float* MS = m_scale.data_ptr<float>();
+  uint8_t* VC = mode != 2 ? v_codes.data_ptr<uint8_t>() : nullptr;
+  float* VS = mode == 1 ? v_scale.data_ptr<float>() : nullptr;
+  const float* RO = mode == 0 ? row_old.data_ptr<float>() : nullptr;
+  const float* CO = mode == 0 ? col_old.data_ptr<float>() : nullptr;
+  const float* RN = row_new.data_ptr<float>();
+  const float* CN = col_new.data_ptr<float>();
+  const float* smap = kMaps.signed_map;
+  const float* smid = kMaps.signed_mid;
+  // Inverse rank-1 scales: 1 / min(r, c) == max(1 / r, 1 / c) exactly (rounding is
+  // monotone), so the quantizer multiplies by max(IRN[i], ICN[j]).
+  std::vector<float> irn_v, icn_v;
+  if (mode == 0) {
+    irn_v.resize(row_new.numel());
+    icn_v.resize(col_new.numel());
+    for (size_t i = 0; i < irn_v.size(); ++i) irn_v[i] = inv_or_zero(RN[i]);
+    for (size_t j = 0; j < icn_v.size(); ++j) icn_v[j] = inv_or_zero(CN[j]);
+  }
+  const float* IRN = irn_v.data();
+  const float* ICN = icn_v.data();
+
+#pragma omp parallel
+  {
+    std::vector<uint8_t> cm(block), cv(block);
+    std::vector<float> mo(block), vo(block), so(block), sn(block), M(block), V(block);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t e0 = b * block;
+      const int64_t len = std::min(block, n - e0);
+      const int64_t nbytes = (len + 1) / 2;
+      const uint8_t* mcb = MC + e0 / 2;
+      // Scales of the second moment for this block (modes 0 and 2).
+      if (mode == 0 || mode == 2) {
+        const int64_t i0 = e0 / cols, j0 = e0 - i0 * cols;
+        if (j0 + len <= cols) {  // the block lies inside one row
+          if (mode == 0) {
+            const float ro = RO[i0], irn = IRN[i0];
+            for (int64_t k = 0; k < len; ++k) {
+              so[k] = std::min(ro, CO[j0 + k]);
+              sn[k] = std::max(irn, ICN[j0 + k]);
+            }
+          } else {
+            const float rn = RN[i0];
+            const float* cb = CN + (i0 / rows_per_batch) * cols + j0;
+            for (int64_t k = 0; k < len; ++k) V[k] = rn * cb[k];
+          }
+        } else {
+          for (int64_t k = 0; k < len; ++k) {
+            const int64_t i = (e0 + k) / cols, j = (e0 + k) - i * cols;
+            if (mode == 0) {
+              so[k] = std::min(RO[i], CO[j]);
+              sn[k] = std::max(IRN[i], ICN[j]);
+            } else {
+              V[k] = RN[i] * CN[(i / rows_per_batch) * cols + j];
+            }
+          }
+        }
+      }
+      // Old moments (exactly zero on the first step).
+      if (fresh) {
+        for (int64_t k = 0; k < len; ++k) {
+          mo[k] = 0.0f;
+          vo[k] = 0.0f;
+        }
+      } else {
+        for (int64_t q = 0; q < nbytes; ++q) {
+          const uint8_t byte = mcb[q];
+          cm[2 * q] = byte & 15;
+          cm[2 * q + 1] = byte >> 4;
+        }
+        const float ms = MS[b];
+        lookup16(cm.data(), smap, ms, mo.data(), len);
+        if (mode != 2) {
+          const uint8_t* vcb = VC + e0 / 2;
+          for (int64_t q = 0; q < nbytes; ++q) {
+            const uint8_t byte = vcb[q];
+            cv[2 * q] = byte & 15;
+            cv[2 * q + 1] = byte >> 4;
+          }
+          if (mode == 0) {
+            for (int64_t k = 0; k < len; ++k) {
+              vo[k] = ((static_cast<float>(cv[k]) + 1.0f) * 0.0625f) * so[k];
+            }
+          } else {
+            const float vs = VS[b];
+            for (int64_t k = 0; k < len; ++k) {
+              vo[k] = ((static_cast<float>(cv[k]) + 1.0f) * 0.0625f) * vs;
+            }
+          }
+        }
+      }
+      // The update.
+      float* Pb = P + e0;
+      const float* Gb = G + e0;
+      uint32_t mmax = 0u, vmax = 0u;
+      if (mode == 2) {
+        for (int64_t k = 0; k < len; ++k) {
+          const float g = Gb[k];
+          const float m = mo[k] * b1 + g * omb1;
+          const float v = V[k];
+          const float den = std::sqrt(v) * ibc2 + feps;
+          const float p = Pb[k] * fdecay;
+          Pb[k] = p - (m / den) * ss;
+          M[k] = m;
+          mmax = std::max(mmax, bits(m) & 0x7fffffffu);
+        }
+      } else {
+        for (int64_t k = 0; k < len; ++k) {
+          const float g = Gb[k];
+          const float m = mo[k] * b1 + g * omb1;
+          const float v = vo[k] * b2 + (g * g) * omb2;
+          const float den = std::sqrt(v) * ibc2 + feps;
+          const float p = Pb[k] * fdecay;
+          Pb[k] = p - (m / den) * ss;
+          M[k] = m;
+          V[k] = v;
+          mmax = std::max(mmax, bits(m) & 0x7fffffffu);
+          vmax = std::max(vmax, bits(v));
+        }
+      }
+      // Requantize the first moment with a fresh block scale.
+      float mscale;
+      std::memcpy(&mscale, &mmax, sizeof(mscale));
+      mscale = std::max(mscale, 1e-12f);
+      MS[b] = mscale;
+      const float inv_ms = 1.0f / mscale;
+      quantize_signed(M.data(), inv_ms, smid, cm.data(), len);
+      if (len & 1) cm[len] = 0;
+      uint8_t* mcw = MC + e0 / 2;
+      for (int64_t q = 0; q < nbytes; ++q) mcw[q] = cm[2 * q] | (cm[2 * q + 1] << 4);
+      if (mode == 2) continue;
+      // Requantize the second moment.
+      if (mode == 1) {
+        float vs;
+        std::memcpy(&vs, &vmax, sizeof(vs));
+        VS[b] = vs;
+        const float ivs = inv_or_zero(vs);
+        for (int64_t k = 0; k < len; ++k) sn[k] = ivs;
+      }
+      for (int64_t k = 0; k < len; ++k) {
+        const float x = V[k] * sn[k];
+        cv[k] = unsigned_code(x);
+      }
+      if (len & 1) cv[len] = 0;
+      uint8_t* vcw = VC + e0 / 2;
+      for (int64_t q = 0; q < nbytes; ++q) vcw[q] = cv[2 * q] | (cv[2 * q + 1] << 4);
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("all_finite", &all_finite, "whether every element of a float32 tensor is finite");
+  m.def("rank1_stats", &rank1_stats, "row/column maxima of the new second moment");
+  m.def("fused_step", &fused_step, "one fused 4-bit AdamW step for one tensor");
+}

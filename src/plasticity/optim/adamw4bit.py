@@ -1,0 +1,519 @@
+"""AdamW with 4-bit optimizer states (Li, Chen, Zhu, "Memory Efficient Optimizers with 4-bit
+States", NeurIPS 2023).
+
+Per parameter tensor with more than `min_quantized_numel` elements (and whose group does not
+set `quantize=False`):
+
+- first moment: blocks of `block_size` elements of the row-major flattened tensor, fp32 scale
+  per block (absmax, clamped at 1e-12), signed 4-bit dynamic-exponent map;
+- second moment, `second_moment=`
+  - "rank1" (default): for ndim >= 2 the scale of an entry is the minimum, over the
+    tensor's dimensions, of that dimension's max vector (for a matrix: min(max of its row,
+    max of its column)), zero-free linear 4-bit map (i + 1) / 16; 1-D tensors use blocks;
+  - "block": blocks of `block_size` with the same linear map for every tensor;
+  - "factor": Adafactor-style fp32 running means of g^2 over rows and columns, rebuilt as
+    (R / mean(R)) (x) C; for ndim >= 3 the statistics are taken over the last two
+    dimensions (one (R, C) pair per leading index); 1-D tensors use blocks, as in "rank1".
+
+Other tensors keep fp32 moments. One step, per tensor: p <- p (1 - lr wd); dequantize m and
+v; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2; p <- p - lr / (1 - b1^t) * m /
+(sqrt(v) / sqrt(1 - b2^t) + eps); requantize m and v with fresh scales. Both moments start
+at exactly zero. Codes are packed two per uint8 byte, element 2k in the low nibble of byte k.
+
+All gradients are checked before anything changes: a non-finite gradient (or second
+moment) anywhere leaves parameters and states untouched and raises `FloatingPointError`
+(`nonfinite="raise"`, the default) or logs a warning and skips the step (`"skip"`).
+
+On CPU float32 tensors the step runs in a fused C++/OpenMP kernel (two passes for
+"rank1": the maxima of the new second moment, then one pass that dequantizes, updates and
+requantizes); on CUDA in Triton kernels; elsewhere (and when no compiler is available) in
+PyTorch operations that give the C++ kernel's results bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+
+from plasticity.optim import quant
+
+log = logging.getLogger(__name__)
+
+SECOND_MOMENTS = ("rank1", "block", "factor")
+BACKENDS = ("auto", "cpp", "torch", "triton")
+_MODE = {"rank1": 0, "block": 1, "factor": 2}
+
+
+def _validate(lr: Any, betas: Any, eps: Any, weight_decay: Any, second_moment: Any,
+              block_size: Any, min_quantized_numel: Any) -> None:
+    if not isinstance(lr, int | float) or not lr >= 0.0:
+        raise ValueError(f"lr: must be a number >= 0, got {lr!r}")
+    if not isinstance(eps, int | float) or not eps >= 0.0:
+        raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
+    if not isinstance(weight_decay, int | float) or not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay: must be a number >= 0, got {weight_decay!r}")
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas: expected two numbers, got {betas!r}") from None
+    for name, b in (("betas[0]", b1), ("betas[1]", b2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}: must be in [0, 1), got {b!r}")
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(
+            f"second_moment: expected one of {', '.join(SECOND_MOMENTS)}, got {second_moment!r}"
+        )
+    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+        raise ValueError(f"block_size: must be an even integer >= 2, got {block_size!r}")
+    if not isinstance(min_quantized_numel, int) or min_quantized_numel < 0:
+        raise ValueError(
+            f"min_quantized_numel: must be an integer >= 0, got {min_quantized_numel!r}"
+        )
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (PyTorch's vectorized CPU sqrt is not always;
+    the C++ kernel's is), so both paths round alike."""
+    return v.double().sqrt().float() if v.device.type == "cpu" else v.sqrt()
+
+
+def _inv_or_zero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, torch.ones_like(s) / s, torch.zeros_like(s))
+
+
+def _row_scale(maxes: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Per flat row of the (prod(shape[:-1]) x shape[-1]) view: min over the leading dims'
+    max vectors."""
+    lead = shape[:-1]
+    if len(lead) == 1:
+        return maxes[0]
+    s: torch.Tensor | None = None
+    for k in range(len(lead)):
+        view = [1] * len(lead)
+        view[k] = lead[k]
+        t = maxes[k].view(view)
+        s = t if s is None else torch.minimum(s, t)
+    assert s is not None
+    return s.expand(lead).reshape(-1).contiguous()
+
+
+def _dim_maxes(row_max: torch.Tensor, col_max: torch.Tensor, shape: torch.Size) -> list[torch.Tensor]:
+    lead = shape[:-1]
+    if len(lead) == 1:
+        return [row_max, col_max]
+    rm = row_max.view(lead)
+    out = []
+    for k in range(len(lead)):
+        others = [d for d in range(len(lead)) if d != k]
+        out.append(rm.amax(dim=others).contiguous())
+    return [*out, col_max]
+
+
+class AdamW4bit(torch.optim.Optimizer):
+    """AdamW whose moments are stored in 4 bits (see the module docstring).
+
+    Parameter groups may override `lr`, `betas`, `eps`, `weight_decay`, `second_moment`,
+    `block_size`, `min_quantized_numel`, and set `quantize=False` to keep fp32 moments.
+    `backend`: "auto" (C++ on CPU float32, Triton on CUDA, PyTorch otherwise), or force
+    "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        second_moment: str = "rank1",
+        block_size: int = 128,
+        min_quantized_numel: int = 4096,
+        nonfinite: str = "raise",
+        backend: str = "auto",
+    ) -> None:
+        _validate(lr, betas, eps, weight_decay, second_moment, block_size, min_quantized_numel)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.nonfinite = nonfinite
+        self.backend = backend
+        self.skipped_steps = 0
+        defaults = dict(
+            lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps,
+            weight_decay=weight_decay, second_moment=second_moment, block_size=block_size,
+            min_quantized_numel=min_quantized_numel, quantize=True,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                  group["second_moment"], group["block_size"], group["min_quantized_numel"])
+        group["betas"] = (float(group["betas"][0]), float(group["betas"][1]))
+        for p in group["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"params: AdamW4bit needs real floating-point parameters, got {p.dtype}"
+                )
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def layout(p: torch.Tensor, group: dict[str, Any]) -> str:
+        """How `p`'s moments are stored: 'fp32', 'rank1', 'block' or 'factor'."""
+        if not group.get("quantize", True) or p.numel() <= group["min_quantized_numel"] or p.numel() == 0:
+            return "fp32"
+        sm = group["second_moment"]
+        if p.dim() < 2 and sm in ("rank1", "factor"):
+            return "block"
+        return sm
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError("p: not a parameter of this optimizer")
+
+    def _backend_for(self, p: torch.Tensor) -> str:
+        if p.is_cuda and self.backend in ("auto", "triton"):
+            from plasticity.optim import _triton
+
+            if _triton.available():
+                return "triton"
+        if (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+                and self.backend in ("auto", "cpp")):
+            from plasticity.optim import _cpu
+
+            if _cpu.available():
+                return "cpp"
+        return "torch"
+
+    def _init_state(self, p: torch.Tensor, kind: str, block: int) -> dict[str, Any]:
+        n = p.numel()
+        dev = p.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        st: dict[str, Any] = {"step": 0}
+        if kind == "fp32":
+            st["exp_avg"] = torch.zeros(p.shape, **f32)
+            st["exp_avg_sq"] = torch.zeros(p.shape, **f32)
+            return st
+        nb = -(-n // block)
+        st["exp_avg_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
+        st["exp_avg_scale"] = torch.zeros(nb, **f32)
+        if kind == "rank1":
+            st["exp_avg_sq_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
+            for k, size in enumerate(p.shape):
+                st[f"exp_avg_sq_max{k}"] = torch.zeros(size, **f32)
+        elif kind == "block":
+            st["exp_avg_sq_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
+            st["exp_avg_sq_scale"] = torch.zeros(nb, **f32)
+        else:  # factor
+            st["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
+            st["exp_avg_sq_col"] = torch.zeros((*p.shape[:-2], p.shape[-1]), **f32)
+        return st
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ValueError("grad: AdamW4bit does not support sparse gradients")
+                if g.is_complex():
+                    raise ValueError("grad: AdamW4bit does not support complex gradients")
+                kind = self.layout(p, group)
+                backend = self._backend_for(p)
+                plan = self._pass_stats(p, g, group, kind, backend)
+                work.append((group, p, g, kind, backend, plan))
+        if not work:
+            return loss
+        flags = [w[5]["finite"] for w in work]
+        if any(torch.is_tensor(f) for f in flags):
+            ok = torch.stack([torch.as_tensor(f, device="cpu").reshape(()).bool() if not torch.is_tensor(f)
+                              else f.reshape(()).bool().cpu() for f in flags]).tolist()
+        else:
+            ok = [bool(f) for f in flags]
+        if not all(ok):
+            bad = [f"#{i} {tuple(w[1].shape)}" for i, (w, good) in enumerate(zip(work, ok, strict=True)) if not good]
+            self.skipped_steps += 1
+            msg = (f"AdamW4bit: non-finite gradient in {len(bad)} parameter(s) "
+                   f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was not "
+                   f"taken, parameters and optimizer states are unchanged")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg)
+            log.warning(msg)
+            return loss
+        for group, p, g, kind, backend, plan in work:
+            self._pass_update(p, g, group, kind, backend, plan)
+        return loss
+
+    def _old_rank1_scales(self, st: dict[str, Any] | None, shape: torch.Size, dev: torch.device):
+        if st is None or st["step"] == 0:
+            rows = math.prod(shape[:-1])
+            z = torch.zeros(0, device=dev, dtype=torch.float32)
+            return torch.zeros(rows, device=dev), torch.zeros(shape[-1], device=dev), z
+        maxes = [st[f"exp_avg_sq_max{k}"] for k in range(len(shape))]
+        return _row_scale(maxes[:-1], shape), maxes[-1], None
+
+    def _pass_stats(self, p, g, group, kind, backend) -> dict[str, Any]:
+        """Pass 1: statistics of the new second moment and a finiteness flag; writes nothing."""
+        st = self.state.get(p) or None
+        fresh = st is None or st["step"] == 0
+        b2 = group["betas"][1]
+        if kind == "rank1":
+            shape = p.shape
+            cols = shape[-1]
+            row_old, col_old, _ = self._old_rank1_scales(st, shape, p.device)
+            vcodes = st["exp_avg_sq_codes"] if st else torch.zeros(0, dtype=torch.uint8, device=p.device)
+            if backend == "cpp":
+                from plasticity.optim import _cpu
+
+                row_max, col_max, finite = _cpu.load().rank1_stats(
+                    g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2)
+                finite = bool(finite.item())
+            elif backend == "triton":
+                from plasticity.optim import _triton
+
+                row_max, col_max, finite = _triton.rank1_stats(
+                    g, vcodes, row_old, col_old, cols, fresh, b2)
+            else:
+                gf = g.reshape(-1).float()
+                vnew = self._v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2)
+                finite = bool(torch.isfinite(vnew).all())
+                v2 = vnew.view(-1, cols)
+                row_max, col_max = v2.amax(dim=1), v2.amax(dim=0)
+            return {"finite": finite, "row_old": row_old, "col_old": col_old,
+                    "maxes": _dim_maxes(row_max, col_max, shape), "row_max": row_max,
+                    "col_max": col_max}
+        if kind == "factor":
+            shape = p.shape
+            rows, cols = shape[-2], shape[-1]
+            gf = g.reshape(-1, rows, cols).float()
+            gsq = gf * gf
+            r_old = st["exp_avg_sq_row"].reshape(-1, rows) if not fresh else torch.zeros(
+                gsq.shape[0], rows, device=p.device)
+            c_old = st["exp_avg_sq_col"].reshape(-1, cols) if not fresh else torch.zeros(
+                gsq.shape[0], cols, device=p.device)
+            r_new = r_old * b2 + gsq.mean(dim=-1) * (1.0 - b2)
+            c_new = c_old * b2 + gsq.mean(dim=-2) * (1.0 - b2)
+            r_mean = r_new.mean(dim=-1, keepdim=True)
+            row_factor = torch.where(r_mean > 0, r_new / r_mean, torch.zeros_like(r_new))
+            finite = torch.isfinite(r_new).all() & torch.isfinite(c_new).all()
+            return {"finite": finite if p.is_cuda else bool(finite), "r_new": r_new,
+                    "c_new": c_new, "row_factor": row_factor.reshape(-1).contiguous()}
+        # fp32 and block: only the finiteness check.
+        if backend == "cpp":
+            from plasticity.optim import _cpu
+
+            return {"finite": _cpu.load().all_finite(g.contiguous())}
+        finite = torch.isfinite(g).all()
+        return {"finite": finite if p.is_cuda else bool(finite)}
+
+    @staticmethod
+    def _v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2) -> torch.Tensor:
+        n = gf.numel()
+        if fresh:
+            vo = torch.zeros_like(gf)
+        else:
+            s_old = torch.minimum(row_old[:, None], col_old[None, :]).reshape(-1)
+            vo = quant.UNSIGNED_MAP.to(gf.device)[quant.unpack_nibbles(vcodes, n)] * s_old
+        return vo * b2 + (gf * gf) * (1.0 - b2)
+
+    def _pass_update(self, p, g, group, kind, backend, plan) -> None:
+        block = group["block_size"]
+        st = self.state[p]
+        if not st:
+            st.update(self._init_state(p, kind, block))
+        t = st["step"] + 1
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        sc = dict(
+            decay=1.0 - lr * wd, beta1=b1, beta2=b2,
+            inv_bc2_sqrt=1.0 / math.sqrt(1.0 - b2**t), eps=eps, step_size=lr / (1.0 - b1**t),
+        )
+        if kind == "fp32":
+            self._update_fp32(p, g, st, sc)
+        elif backend == "torch":
+            self._update_quantized_torch(p, g, st, kind, plan, sc, block)
+        else:
+            self._update_quantized_kernel(p, g, st, kind, plan, sc, block, backend)
+        if kind == "rank1":
+            for k, mx in enumerate(plan["maxes"]):
+                st[f"exp_avg_sq_max{k}"].copy_(mx)
+        elif kind == "factor":
+            st["exp_avg_sq_row"].copy_(plan["r_new"].view_as(st["exp_avg_sq_row"]))
+            st["exp_avg_sq_col"].copy_(plan["c_new"].view_as(st["exp_avg_sq_col"]))
+        st["step"] = t
+
+    @staticmethod
+    def _update_fp32(p, g, st, sc) -> None:
+        gf = g.float()
+        m = st["exp_avg"] * sc["beta1"] + gf * (1.0 - sc["beta1"])
+        v = st["exp_avg_sq"] * sc["beta2"] + (gf * gf) * (1.0 - sc["beta2"])
+        den = _sqrt(v) * sc["inv_bc2_sqrt"] + sc["eps"]
+        pf = p.float() * sc["decay"]
+        pf = pf - (m / den) * sc["step_size"]
+        st["exp_avg"].copy_(m)
+        st["exp_avg_sq"].copy_(v)
+        p.copy_(pf)
+
+    def _update_quantized_kernel(self, p, g, st, kind, plan, sc, block, backend) -> None:
+        fresh = st["step"] == 0
+        empty = torch.zeros(0, device=p.device, dtype=torch.float32)
+        empty_u8 = torch.zeros(0, device=p.device, dtype=torch.uint8)
+        if kind == "rank1":
+            cols, rpb = p.shape[-1], 1
+            row_old, col_old = plan["row_old"], plan["col_old"]
+            row_new = _row_scale(plan["maxes"][:-1], p.shape)
+            col_new = plan["maxes"][-1]
+            v_codes, v_scale = st["exp_avg_sq_codes"], empty
+        elif kind == "block":
+            cols, rpb = 1, 1
+            row_old = col_old = row_new = col_new = empty
+            v_codes, v_scale = st["exp_avg_sq_codes"], st["exp_avg_sq_scale"]
+        else:
+            cols, rpb = p.shape[-1], p.shape[-2]
+            row_old = col_old = empty
+            row_new = plan["row_factor"]
+            col_new = plan["c_new"].reshape(-1).contiguous()
+            v_codes, v_scale = empty_u8, empty
+        args = (st["exp_avg_codes"], st["exp_avg_scale"], v_codes, v_scale, row_old, col_old,
+                row_new, col_new, _MODE[kind], cols, rpb, fresh, sc["decay"], sc["beta1"],
+                sc["beta2"], sc["inv_bc2_sqrt"], sc["eps"], sc["step_size"], block)
+        if backend == "cpp":
+            from plasticity.optim import _cpu
+
+            _cpu.load().fused_step(p.data, g.contiguous(), *args)
+        else:
+            from plasticity.optim import _triton
+
+            _triton.fused_step(p.data, g.contiguous(), *args)
+
+    def _update_quantized_torch(self, p, g, st, kind, plan, sc, block) -> None:
+        n = p.numel()
+        dev = p.device
+        fresh = st["step"] == 0
+        gf = g.reshape(-1).float()
+        smap, umap = quant.SIGNED_MAP.to(dev), quant.UNSIGNED_MAP.to(dev)
+        if fresh:
+            mo = torch.zeros_like(gf)
+        else:
+            mo = smap[quant.unpack_nibbles(st["exp_avg_codes"], n)] * quant.expand_blocks(
+                st["exp_avg_scale"], block, n)
+        m = mo * sc["beta1"] + gf * (1.0 - sc["beta1"])
+        if kind == "factor":
+            rows, cols = p.shape[-2], p.shape[-1]
+            rf = plan["row_factor"].view(-1, rows)
+            v = (rf[:, :, None] * plan["c_new"].view(-1, 1, cols)).reshape(-1)
+        elif kind == "rank1":
+            v = self._v_new_torch(gf, st["exp_avg_sq_codes"], plan["row_old"], plan["col_old"],
+                                  p.shape[-1], fresh, sc["beta2"])
+        else:
+            if fresh:
+                vo = torch.zeros_like(gf)
+            else:
+                vo = umap[quant.unpack_nibbles(st["exp_avg_sq_codes"], n)] * quant.expand_blocks(
+                    st["exp_avg_sq_scale"], block, n)
+            v = vo * sc["beta2"] + (gf * gf) * (1.0 - sc["beta2"])
+        den = _sqrt(v) * sc["inv_bc2_sqrt"] + sc["eps"]
+        pf = p.reshape(-1).float() * sc["decay"]
+        pf = pf - (m / den) * sc["step_size"]
+        # Requantize.
+        m_scale = quant.block_absmax(m, block).clamp_min(quant.SCALE_FLOOR)
+        inv_m = torch.ones_like(m_scale) / m_scale
+        m_codes = quant.quantize_signed(m * quant.expand_blocks(inv_m, block, n))
+        st["exp_avg_scale"].copy_(m_scale)
+        st["exp_avg_codes"].copy_(quant.pack_nibbles(m_codes))
+        if kind != "factor":
+            # x = v * (1 / s); 1 / min(r, c) == max(1 / r, 1 / c) in floating point too.
+            if kind == "rank1":
+                inv = torch.maximum(
+                    _inv_or_zero(_row_scale(plan["maxes"][:-1], p.shape))[:, None],
+                    _inv_or_zero(plan["maxes"][-1])[None, :]).reshape(-1)
+            else:
+                v_scale = quant.block_absmax(v, block)
+                st["exp_avg_sq_scale"].copy_(v_scale)
+                inv = quant.expand_blocks(_inv_or_zero(v_scale), block, n)
+            x = v * inv
+            st["exp_avg_sq_codes"].copy_(quant.pack_nibbles(quant.quantize_unsigned(x)))
+        p.copy_(pf.view_as(p))
+
+    # ------------------------------------------------------------------ inspection
+    def dequantized_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, v) of `p` as float32 tensors shaped like `p` (zeros before the first step)."""
+        group = self._group_of(p)
+        st = self.state.get(p)
+        if not st or st["step"] == 0:
+            z = torch.zeros(p.shape, device=p.device, dtype=torch.float32)
+            return z, z.clone()
+        kind = self.layout(p, group)
+        if kind == "fp32":
+            return st["exp_avg"].clone(), st["exp_avg_sq"].clone()
+        n, block = p.numel(), group["block_size"]
+        m = quant.SIGNED_MAP.to(p.device)[quant.unpack_nibbles(st["exp_avg_codes"], n)]
+        m = m * quant.expand_blocks(st["exp_avg_scale"], block, n)
+        if kind == "factor":
+            rows, cols = p.shape[-2], p.shape[-1]
+            r = st["exp_avg_sq_row"].reshape(-1, rows)
+            r_mean = r.mean(dim=-1, keepdim=True)
+            rf = torch.where(r_mean > 0, r / r_mean, torch.zeros_like(r))
+            v = (rf[:, :, None] * st["exp_avg_sq_col"].reshape(-1, 1, cols)).reshape(-1)
+        else:
+            codes = quant.UNSIGNED_MAP.to(p.device)[quant.unpack_nibbles(st["exp_avg_sq_codes"], n)]
+            if kind == "rank1":
+                maxes = [st[f"exp_avg_sq_max{k}"] for k in range(p.dim())]
+                s = torch.minimum(_row_scale(maxes[:-1], p.shape)[:, None], maxes[-1][None, :])
+                s = s.reshape(-1)
+            else:
+                s = quant.expand_blocks(st["exp_avg_sq_scale"], block, n)
+            v = codes * s
+        return m.view(p.shape), v.view(p.shape)
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes the optimizer states occupy (every state tensor's elements)."""
+        return optimizer_state_bytes(self)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As `Optimizer.load_state_dict`, but state tensors keep their saved dtypes (the base
+        class would cast uint8 codes and fp32 scales to the parameter's dtype)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("state_dict: it has a different number of parameter groups")
+        originals = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups), strict=True))
+        for key, saved in originals.items():
+            p = id_map[key]
+            for name, value in saved.items():
+                if name == "step":
+                    self.state[p][name] = int(value.item()) if torch.is_tensor(value) else int(value)
+                elif torch.is_tensor(value):
+                    self.state[p][name] = value.to(device=p.device, copy=True)
+        for group in self.param_groups:
+            group["betas"] = (float(group["betas"][0]), float(group["betas"][1]))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the tensors of an optimizer's per-parameter states."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
