@@ -35,8 +35,17 @@ def _stage(label: str, call):
     except StageFailed:
         raise
     except Exception as exc:
-        cause = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-        raise StageFailed(f"stage {label} failed: {type(exc).__name__}: {cause}") from exc
+        raise StageFailed(f"stage {label} failed: {describe_cause(exc)}") from exc
+
+
+def describe_cause(exc: BaseException) -> str:
+    """`Type: message` of the root cause: the exception a Ray actor raised rather than
+    Ray's wrapper, and the message's last line (the error, not the traceback)."""
+    cause = getattr(exc, "cause", None)  # RayTaskError carries the actor's exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:500] if lines else ''}".rstrip(": ")
 
 
 @flow(name="plasticity-timeline", flow_run_name="timeline {run_id}", log_prints=False)

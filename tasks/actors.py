@@ -161,7 +161,7 @@ def _options(cfg: RunConfig, gpus: float) -> dict:
         "max_restarts": c.actor_restarts,
         "max_task_retries": c.actor_restarts,
     }
-    if cluster_gpus(c.gpu_resource) > 0:
+    if gpus > 0 and cluster_gpus(c.gpu_resource) > 0:
         if c.gpu_resource == "GPU":
             opts["num_gpus"] = gpus
         else:
@@ -194,7 +194,7 @@ def start_workers(cfg: RunConfig, run_id: str) -> list[WorkerSpec]:
     n = cfg.compute.num_workers
     if n is None:
         gpus = cluster_gpus(cfg.compute.gpu_resource)
-        if gpus > 0:
+        if gpus > 0 and cfg.compute.eval_gpus > 0:
             n = max(1, int(gpus / cfg.compute.eval_gpus))
         else:
             n = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.compute.cpus_per_worker))

@@ -9,6 +9,7 @@ as Cached. Tasks retry with backoff only on storage and network faults.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import ray
 from prefect import get_run_logger, task
@@ -52,10 +53,44 @@ STAGE_TASK = dict(
 )
 # How often the fine-tuning task refreshes its progress artefact while the actor trains.
 PROGRESS_POLL_S = 2.0
+# How long a call waits for its lost actor to come back (Ray notices a dead node within
+# its health-check period, then restarts the actor if it has restarts left).
+ACTOR_LOST_TIMEOUT_S = 300.0
 
 
 def _manifest(cfg: RunConfig, run_id: str) -> Manifest:
     return Manifest(Storage.from_config(cfg.storage), run_id)
+
+
+def actor_call(cfg: RunConfig, what: str, submit, wait=None):
+    """`ray.get` of an actor call that is submitted again while its actor is restarted.
+
+    When an actor's node dies, Ray restarts the actor elsewhere (at most
+    compute.actor_restarts times), but a call in flight fails with ActorUnavailableError
+    ("may or may not have run"), as do calls made before Ray has noticed the node is gone.
+    Every stage writes deterministic shard names, so running the call again is safe: it is
+    resubmitted, with backoff, for at most ACTOR_LOST_TIMEOUT_S. An actor that is gone for
+    good (its restarts used up: ActorDiedError) fails the stage. `wait(ref)` may watch the
+    call (e.g. to update a progress artefact) until it is ready.
+    """
+    deadline = time.monotonic() + ACTOR_LOST_TIMEOUT_S
+    attempt = 0
+    while True:
+        ref = submit()
+        try:
+            if wait is not None:
+                wait(ref)
+            return ray.get(ref)
+        except ray.exceptions.ActorUnavailableError as exc:
+            attempt += 1
+            delay = min(2.0 ** (attempt - 1), 5.0)
+            if time.monotonic() + delay > deadline:
+                raise
+            get_run_logger().warning(
+                "%s: its actor is unavailable (%s); resubmitting in %.0f s (attempt %d)",
+                what, type(exc).__name__, delay, attempt + 1,
+            )
+            time.sleep(delay)
 
 
 def _plasticity_run_name() -> str:
@@ -79,15 +114,19 @@ def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
         description=f"Fine-tuning of run {run_id}: percent of {cfg.train.max_steps} steps written",
     )
     spec = start_trainer(cfg, run_id)
-    try:
-        pending = actor(spec).finetune.remote(cfg, run_id)
+
+    def watch(pending) -> None:
         # The actor trains remotely; its progress shows in the train-metrics shards it writes.
         while not ray.wait([pending], timeout=PROGRESS_POLL_S)[0]:
             try:
                 update_progress_artifact(progress, 100.0 * trained_steps(storage, run_id) / total)
             except Exception as exc:  # a progress display never fails the stage
                 get_run_logger().debug("progress not updated: %s", exc)
-        refs, result = ray.get(pending)
+
+    try:
+        refs, result = actor_call(
+            cfg, "finetune", lambda: actor(spec).finetune.remote(cfg, run_id), watch
+        )
     finally:
         stop([spec])
     node = result.summary.pop(NODE_KEY, None)
@@ -108,7 +147,7 @@ def _run_unit(cfg: RunConfig, run_id: str, stage: str, key: str, call) -> StageR
     manifest = _manifest(cfg, run_id)
     if manifest.is_done(stage, key):
         return None
-    result: StageResult = ray.get(call())
+    result: StageResult = actor_call(cfg, f"{stage} {key}", call)
     node = result.summary.pop(NODE_KEY, None)
     info = {"summary": result.summary} if result.summary else {}
     if node:

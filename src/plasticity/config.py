@@ -354,7 +354,11 @@ class ComputeConfig:
     )
     cpus_per_worker: float = field(default=1.0, metadata=_doc("CPUs per actor.", _positive))
     eval_gpus: float = field(
-        default=1.0, metadata=_doc("GPU share of an evaluation actor on GPU clusters.", _positive)
+        default=1.0,
+        metadata=_doc(
+            "GPU share of an evaluation actor on GPU clusters (0: evaluation on CPUs).",
+            _non_negative,
+        ),
     )
     train_cpus: float | None = field(
         default=None,

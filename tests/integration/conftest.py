@@ -59,3 +59,115 @@ def run_cli(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -
         [sys.executable, "-m", "plasticity.cli", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until `url` answers 200 (or raise, with the process's exit status)."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as res:
+                if res.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process started with start_new_session=True and everything it started."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free loopback port, with its own PREFECT_HOME.
+
+    Yields the environment (PREFECT_API_URL, PREFECT_HOME) for clients, workers and CLI
+    calls; stops the server and everything it started afterwards."""
+    port = free_port()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    log = open(tmp_path / "prefect-server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
+        yield env
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+# Columns that identify a row of each table (those a table has; the rest are measurements).
+ROW_KEYS = {
+    "train_metrics": ("step",),
+    "checkpoints": ("step",),
+    "activations": ("checkpoint_step", "layer", "concept", "split", "example_id"),
+    "directions": ("checkpoint_step", "concept", "layer", "method"),
+    "plasticity": ("source_step", "target_step", "concept", "direction", "null_seed", "layers",
+                   "operator", "alpha_rel", "metric"),
+    "plasticity_items": ("source_step", "target_step", "concept", "direction", "null_seed",
+                         "layers", "operator", "alpha_rel", "metric", "item"),
+    "direction_similarity": ("concept", "layer", "step_a", "step_b"),
+}
+
+
+def assert_whole_and_unique(storage, run_id: str) -> dict[str, int]:
+    """Every Parquet file of the run is a committed shard and reads whole; no table has a
+    duplicate row key. Returns the row count per table."""
+    import json
+    from collections import Counter
+
+    from plasticity.storage import read_table
+
+    manifest = json.loads(storage.read_bytes(storage.path("runs", run_id, "manifest.json")))
+    committed = {s for units in manifest["stages"].values() for u in units.values()
+                 for s in u.get("shards", [])}
+    files = set(storage.fs.glob(storage.path("tables", "*", f"run_id={run_id}", "**")))
+    parquet = {f for f in files if f.endswith(".parquet")}
+    assert not [f for f in files if "_tmp-" in f], "a temporary file was left behind"
+    assert parquet == committed, (sorted(parquet - committed), sorted(committed - parquet))
+    counts = {}
+    for table in sorted({p.split("/tables/")[1].split("/")[0] for p in committed}):
+        paths = sorted(p for p in committed if f"/tables/{table}/" in p)
+        data = read_table(storage, table, paths=paths)  # raises on a partial shard
+        cols = [c for c in ROW_KEYS.get(table, data.column_names) if c in data.column_names]
+        if "vector" in cols or "hidden" in cols:
+            cols = [c for c in cols if c not in ("vector", "hidden")]
+        keys = Counter(repr(tuple(r.values())) for r in data.select(cols).to_pylist())
+        dupes = [k for k, n in keys.items() if n > 1]
+        assert not dupes, f"{table}: duplicate rows for {cols}: {dupes[:3]}"
+        counts[table] = data.num_rows
+    return counts
