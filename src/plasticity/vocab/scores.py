@@ -10,6 +10,50 @@ import torch
 # -- concept scores ---------------------------------------------------------------------
 
 
+class RankedScores:
+    """A (V x n) score matrix sorted once per column, to score many token sets against
+    it, for either sign, without sorting again."""
+
+    def __init__(self, scores: torch.Tensor, k: int):
+        v = scores.shape[0]
+        if not 0 < k <= v:
+            raise ValueError(f"k: expected 1..{v}, got {k}")
+        self.v, self.k = v, k
+        self.scores = scores.float()
+        self.sorted_t = torch.sort(self.scores, dim=0).values.t().contiguous()  # (n x V) asc
+        self.top = torch.topk(self.scores, k, dim=0).indices
+        self.bottom = torch.topk(-self.scores, k, dim=0).indices
+
+    def _ascending_ranks(self, ids: torch.Tensor) -> torch.Tensor:
+        """Average ascending rank (1 = lowest, ties share their mean) of tokens `ids`."""
+        cs = self.scores[ids].t().contiguous()  # (n x m)
+        lo = torch.searchsorted(self.sorted_t, cs, right=False) + 1
+        hi = torch.searchsorted(self.sorted_t, cs, right=True)
+        return ((lo + hi).double() / 2).t()  # (m x n)
+
+    def concept(self, concept_ids: torch.Tensor, sign: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """precision@k, AUROC and mean rank (1 = top) of the concept tokens for
+        `sign` * scores, per column (float64)."""
+        ids = torch.unique(concept_ids.long())
+        if ids.numel() == 0:
+            raise ValueError("concept_ids: the concept has no token in this vocabulary")
+        if int(ids.max()) >= self.v or int(ids.min()) < 0:
+            raise ValueError(f"concept_ids: ids outside the vocabulary of {self.v} tokens")
+        if sign not in (1, -1):
+            raise ValueError(f"sign: expected +1 or -1, got {sign!r}")
+        m, v = ids.numel(), self.v
+        asc = self._ascending_ranks(ids)
+        if sign < 0:
+            asc = v + 1 - asc  # ranks of the negated scores
+        u = asc.sum(0) - m * (m + 1) / 2
+        auroc = u / (m * (v - m)) if v > m else torch.full_like(u, float("nan"))
+        mean_rank = (v + 1 - asc).mean(0)
+        member = torch.zeros(v, dtype=torch.bool)
+        member[ids] = True
+        top = self.top if sign > 0 else self.bottom
+        return member[top].double().mean(0), auroc, mean_rank
+
+
 def concept_scores(
     scores: torch.Tensor, concept_ids: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,31 +61,7 @@ def concept_scores(
     top k, AUROC of concept tokens against the rest (the probability that a concept
     token outscores another token, ties counted half) and the mean rank (1 = top) of the
     concept tokens. Returns three tensors of n values (float64)."""
-    v, n = scores.shape
-    ids = torch.unique(concept_ids.long())
-    if ids.numel() == 0:
-        raise ValueError("concept_ids: the concept has no token in this vocabulary")
-    if not 0 < k <= v:
-        raise ValueError(f"k: expected 1..{v}, got {k}")
-    if int(ids.max()) >= v or int(ids.min()) < 0:
-        raise ValueError(f"concept_ids: ids outside the vocabulary of {v} tokens")
-    m = ids.numel()
-    s = scores.double()
-    # Mann-Whitney with average ranks for ties: ranks in ascending order.
-    sorted_t = torch.sort(s, dim=0).values.t().contiguous()  # (n x V) ascending
-    cs = s[ids].t().contiguous()  # (n x m) concept scores
-    # Average ascending rank over ties: mean of the first and last position of the value.
-    lo = torch.searchsorted(sorted_t, cs, right=False) + 1
-    hi = torch.searchsorted(sorted_t, cs, right=True)
-    concept_asc = ((lo + hi).double() / 2).t()  # (m x n)
-    u = concept_asc.sum(0) - m * (m + 1) / 2
-    auroc = u / (m * (v - m)) if v > m else torch.full((n,), float("nan"), dtype=torch.float64)
-    mean_rank = (v + 1 - concept_asc).mean(0)  # descending rank, 1 = top
-    top = torch.topk(s, k, dim=0).indices  # (k x n)
-    member = torch.zeros(v, dtype=torch.bool)
-    member[ids] = True
-    precision = member[top].double().mean(0)
-    return precision, auroc, mean_rank
+    return RankedScores(scores, k).concept(concept_ids, 1)
 
 
 def null_percentile(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:

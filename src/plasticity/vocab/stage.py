@@ -38,9 +38,9 @@ from plasticity.vocab import weights as W
 from plasticity.vocab.concepts import concept_name, concept_token_ids
 from plasticity.vocab.project import project, topk_columns
 from plasticity.vocab.scores import (
+    RankedScores,
     align_layers,
     circuit_cosine,
-    concept_scores,
     cosine_columns,
     jaccard,
     null_percentile,
@@ -65,11 +65,17 @@ def vocab_path(storage: Storage, run_id: str, step: int) -> str:
 
 
 def vocab_layers(cfg: RunConfig, n_layers: int) -> list[int]:
-    from plasticity.stages import _layers, plasticity_layers
+    from plasticity.config import layer_sets
 
-    if cfg.vocab.layers is None:
-        return plasticity_layers(cfg, n_layers)
-    return _layers(cfg.vocab.layers, n_layers, "vocab.layers")
+    spec, name = cfg.vocab.layers, "vocab.layers"
+    if spec is None:
+        sets = layer_sets(cfg.plasticity.layers)
+        spec = sorted({x for s in sets for x in s}) if sets else [n_layers // 2]
+        name = "plasticity.layers"
+    bad = [x for x in spec if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"{name}: layers {bad} are outside the model's 0..{n_layers - 1}")
+    return list(spec)
 
 
 def _base_model(cfg: RunConfig, storage: Storage, run_id: str, ckpt: CheckpointRef,
@@ -298,13 +304,14 @@ def vocab_stage(
                                   sign=sign, rank=rank, token_id=tid, token=decode(tid),
                                   score=float(vals[rank, j]))
         null_scores = project(emb, null_vecs, "raw" if variant == "raw_in" else variant, norm)
+        ranked, ranked_null = RankedScores(scores, k), RankedScores(null_scores, k)
         for cname, ids in concepts.items():
             if ids.numel() == 0:
                 log.warning("concept %s has no single-token word in this vocabulary", cname)
                 continue
-            _, null_auc, _ = concept_scores(null_scores, ids, k)
+            _, null_auc, _ = ranked_null.concept(ids, 1)
             for sign in (1, -1):
-                prec, auc, mean_rank = concept_scores(scores * sign, ids, k)
+                prec, auc, mean_rank = ranked.concept(ids, sign)
                 pct = null_percentile(auc, null_auc)
                 for j, (obj, layer, head, index) in enumerate(vecs.keys):
                     concept_rows.add(

@@ -138,6 +138,22 @@ def _take(
     pool.add(flat[idx], rows, idx % width + c0)
 
 
+def balanced_factors(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a', b') of the same product, a' b'^T = a b^T, with orthogonal columns of
+    equal weight on both sides (a' = Q_a U S^1/2, b' = Q_b V S^1/2 from the QR of each
+    factor and the SVD of the small core R_a R_b^T), computed in float64; directions
+    with singular value below `rtol` times the largest are dropped (exact-rank
+    reduction), and the result is cast to float32."""
+    qa, ra = torch.linalg.qr(a.detach().double())
+    qb, rb = torch.linalg.qr(b.detach().double())
+    u, s, vh = torch.linalg.svd(ra @ rb.t())
+    keep = s > rtol * s[0] if s.numel() and s[0] > 0 else s > 0
+    if not bool(keep.any()):
+        keep[0] = True
+    root = s[keep].sqrt()
+    return (qa @ u[:, keep] * root).float(), (qb @ vh[keep].t() * root).float()
+
+
 def product_topk(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -146,6 +162,7 @@ def product_topk(
     screen: str = "bfloat16",
     row_block: int = 256,
     col_block: int = 4096,
+    balance: bool = True,
 ) -> ProductTopK:
     """Exact k largest and k smallest entries of ``a @ b.T`` (a: n x r, b: m x r).
 
@@ -154,6 +171,9 @@ def product_topk(
     float32). Returns float64 values and the (row, col) of each entry.
     """
     _check(a, b, k)
+    a_in, b_in = a.detach().float(), b.detach().float()
+    if balance:
+        a, b = balanced_factors(a, b)
     if screen not in ("bfloat16", "float32"):
         raise ValueError(f"screen: expected 'bfloat16' or 'float32', got {screen!r}")
     if row_block <= 0 or col_block <= 0:
@@ -238,7 +258,7 @@ def product_topk(
     out = []
     for sign, pool in ((1, pos), (-1, neg)):
         rows, cols = ra[pool.rows], cb[pool.cols]
-        out.append(_final(a32, b32, rows, cols, k_eff, sign))
+        out.append(_final(a_in, b_in, rows, cols, k_eff, sign))
     (res.top_values, res.top_rows, res.top_cols) = out[0]
     (res.bottom_values, res.bottom_rows, res.bottom_cols) = out[1]
     log.debug(
