@@ -146,7 +146,7 @@ def balanced_factors(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> t
     reduction), and the result is cast to float32."""
     qa, ra = torch.linalg.qr(a.detach().double())
     qb, rb = torch.linalg.qr(b.detach().double())
-    u, s, vh = torch.linalg.svd(ra @ rb.t())
+    u, s, vh = torch.linalg.svd(ra @ rb.t(), full_matrices=False)
     keep = s > rtol * s[0] if s.numel() and s[0] > 0 else s > 0
     if not bool(keep.any()):
         keep[0] = True
