@@ -39,11 +39,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"{cfg.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     validate_run_id(run_id)
     from plasticity.storage import Manifest, Storage
+    from plasticity.storage.fs import StorageAccessError
     from plasticity.storage.manifest import ConfigMismatchError
 
-    try:
-        Manifest(Storage.from_config(cfg.storage), run_id).check_config(cfg.to_dict())
-    except ConfigMismatchError as exc:
+    storage = Storage.from_config(cfg.storage)
+    try:  # a missing bucket, refused credentials or an unreachable endpoint: exit 2
+        storage.check_writable()
+        Manifest(storage, run_id).check_config(cfg.to_dict())
+    except (ConfigMismatchError, StorageAccessError) as exc:
         raise ConfigError([str(exc)]) from exc
     from flows.timeline import timeline  # Prefect and Ray load only for a real run
 

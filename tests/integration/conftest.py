@@ -14,6 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# `--set` arguments: the smoke config with less of the work that the reliability and
+# deployment tests do not look at (bootstrap resamples, vocabulary read-outs).
+FAST = [
+    "--set", "plasticity.bootstrap=50", "--set", "vocab.layers=[0]",
+    "--set", "vocab.objects=[ff_key]", "--set", "vocab.circuits=[ov]",
+    "--set", "vocab.circuit_heads=[0]",
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import pytest
 
 from plasticity.config import StorageConfig
 from plasticity.storage import Storage
-from tests.integration.conftest import ROOT, assert_whole_and_unique, run_cli
+from tests.integration.conftest import FAST, ROOT, assert_whole_and_unique, run_cli
 
 pytestmark = pytest.mark.integration
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -91,7 +91,7 @@ def test_grid_spreads_over_nodes_and_survives_a_node_killed_mid_grid(cluster, tm
         "run", "--config", SMOKE, "--storage", f"file://{tmp_path}/store", "--run-id", run_id,
         "--set", f"compute.ray_address={c.address}", "--set", f"compute.gpu_resource={STANDIN}",
         "--set", "compute.eval_gpus=0", "--set", "compute.num_workers=2",
-        "--set", "plasticity.bootstrap=50", timeout=540,
+        *FAST, timeout=540,
     )
     watcher.join(timeout=5)
     assert out.returncode == 0, out.stderr[-5000:]

@@ -130,9 +130,9 @@ class Storage:
                     "connect_timeout": 5, "read_timeout": 10,
                     "retries": {"max_attempts": 2, "mode": "standard"},
                 },
-                retries=2,
                 skip_instance_cache=True,
             )
+            fs.retries = 2  # s3fs's own retries of connection errors (default 5)
         try:
             if self.is_local:
                 os.makedirs(self.root, exist_ok=True)
