@@ -137,8 +137,31 @@ class TrainConfig:
     schedule: Literal["constant", "linear", "cosine"] = field(
         default="constant", metadata=_doc("Learning-rate decay after warm-up.")
     )
-    optimizer: Literal["adamw"] = field(
-        default="adamw", metadata=_doc("Optimizer: 'adamw' (torch.optim.AdamW).")
+    optimizer: Literal["adamw4bit", "adamw"] = field(
+        default="adamw4bit",
+        metadata=_doc(
+            "Optimizer: 'adamw4bit' (AdamW with 4-bit moments, plasticity.optim.AdamW4bit) "
+            "or 'adamw' (torch.optim.AdamW, fp32 moments)."
+        ),
+    )
+    second_moment: Literal["rank1", "block", "factor"] = field(
+        default="rank1",
+        metadata=_doc(
+            "adamw4bit: how the second moment is stored: 'rank1' (4-bit, scale min(row max, "
+            "column max)), 'block' (4-bit, blocks of block_size) or 'factor' (fp32 row and "
+            "column statistics, Adafactor-style)."
+        ),
+    )
+    block_size: int = field(
+        default=128,
+        metadata=_doc("adamw4bit: elements per quantization block (even).", _positive),
+    )
+    min_quantized_numel: int = field(
+        default=4096,
+        metadata=_doc(
+            "adamw4bit: tensors with at most this many elements keep fp32 moments.",
+            _non_negative,
+        ),
     )
     grad_clip: float | None = field(
         default=1.0, metadata=_doc("Clip the global gradient norm (None: no clipping).", _positive)
@@ -528,6 +551,8 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"train.snapshot_steps: duplicate steps in {t.snapshot_steps}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    if t.block_size % 2:
+        errors.append(f"train.block_size: expected an even number, got {t.block_size}")
     if t.warmup_steps > t.max_steps:
         errors.append(
             f"train.warmup_steps: {t.warmup_steps} is beyond train.max_steps={t.max_steps}"

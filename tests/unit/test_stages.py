@@ -39,11 +39,24 @@ def test_finetune_writes_checkpoints_and_metrics(run):
     assert [r.step for r in refs] == [0, 4]
     metrics = read_table(storage, "train_metrics", ["t1"]).sort_by("step")
     assert metrics.column("step").to_pylist() == [1, 2, 3, 4]
-    # AdamW: two fp32 moments per parameter and one fp32 step counter per tensor.
+    # AdamW4bit (the default), rank-1: per tensor over 4096 elements, 4-bit codes for both
+    # moments, an fp32 scale per 128-element block of the first moment and fp32 max vectors
+    # (one per dimension) for the second; 1-D tensors: fp32 block scales for both; smaller
+    # tensors: two fp32 moments.
     from plasticity.models import load_model
 
-    n_tensors = len(list(load_model(cfg.model).model.parameters()))
-    assert metrics.column("optimizer_state_bytes")[0].as_py() == 8 * refs[0].n_params + 4 * n_tensors
+    want = 0
+    for p in load_model(cfg.model).model.parameters():
+        n = p.numel()
+        if n <= 4096:
+            want += 8 * n
+        elif p.dim() >= 2:
+            want += 2 * ((n + 1) // 2) + 4 * -(-n // 128) + 4 * sum(p.shape)
+        else:
+            want += 2 * ((n + 1) // 2) + 8 * -(-n // 128)
+    assert cfg.train.optimizer == "adamw4bit"
+    assert metrics.column("optimizer").to_pylist() == ["adamw4bit"] * 4
+    assert metrics.column("optimizer_state_bytes")[0].as_py() == want
     ckpts = read_table(storage, "checkpoints", ["t1"]).sort_by("step")
     assert ckpts.column("sha256").to_pylist() == [r.sha256 for r in refs]
     assert refs[0].sha256 != refs[1].sha256

@@ -74,3 +74,67 @@ def test_checkpoint_round_trip_and_corruption(tmp_path, tiny_gpt2):
         fh.write(b"\x00" * 8)
     with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match SHA256SUMS"):
         load_checkpoint(storage, ref.path, ModelConfig())
+
+
+def test_build_optimizer_default_is_adamw4bit_and_both_learn():
+    from plasticity.optim import AdamW4bit
+
+    assert TrainConfig().optimizer == "adamw4bit"
+    for name, cls in (("adamw4bit", AdamW4bit), ("adamw", torch.optim.AdamW)):
+        lm = load_model(ModelConfig(source="tiny-gpt2"))
+        blocks = pack_corpus(["the cat sat on the mat"] * 40, lm.tokenizer, 16)
+        cfg = TrainConfig(max_steps=8, lr=3e-3, snapshot_steps=[0], optimizer=name)
+        opt = build_optimizer(lm.model, cfg)
+        assert type(opt) is cls
+        records = []
+        finetune(lm.model, blocks, cfg, opt, records.append, lambda s: None)
+        assert records[-1].loss < records[0].loss - 1.0, name
+
+
+def test_a_non_finite_gradient_stops_training_and_changes_nothing():
+    lm = load_model(ModelConfig(source="tiny-gpt2"))
+    blocks = pack_corpus(["the cat sat on the mat"] * 10, lm.tokenizer, 8)
+    cfg = TrainConfig(max_steps=3, snapshot_steps=[0], grad_clip=None)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    lm.model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * float("inf"))
+    opt = build_optimizer(lm.model, cfg)
+    with pytest.raises(FloatingPointError, match="step 1: AdamW4bit: non-finite gradient"):
+        finetune(lm.model, blocks, cfg, opt, lambda r: None, lambda s: None)
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw4bit", "adamw"])
+def test_resume_from_a_snapshot_is_bit_identical(tmp_path, optimizer):
+    """Weights, optimizer state (through safetensors) and TrainState from step 3 of 6."""
+    from plasticity.train.checkpoint import (
+        optimizer_from_safetensors,
+        optimizer_to_safetensors,
+        train_state_from_safetensors,
+        train_state_to_safetensors,
+    )
+
+    cfg = TrainConfig(max_steps=6, lr=3e-3, snapshot_steps=[3], optimizer=optimizer)
+    lm = load_model(ModelConfig(source="tiny-gpt2"))
+    blocks = pack_corpus(["the cat sat on the mat, the dog sat on the log"] * 30, lm.tokenizer, 16)
+    opt = build_optimizer(lm.model, cfg)
+    saved = {}
+
+    def snap(state):
+        saved["weights"] = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        optimizer_to_safetensors(opt, tmp_path / "optimizer.safetensors")
+        train_state_to_safetensors(state, tmp_path / "trainer_state.safetensors")
+
+    finetune(lm.model, blocks, cfg, opt, lambda r: None, snap)
+    want = {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+    lm2 = load_model(ModelConfig(source="tiny-gpt2"))
+    lm2.model.load_state_dict(saved["weights"])
+    opt2 = build_optimizer(lm2.model, cfg)
+    optimizer_from_safetensors(opt2, tmp_path / "optimizer.safetensors")
+    resume = train_state_from_safetensors(tmp_path / "trainer_state.safetensors")
+    assert resume.step == 3
+    finetune(lm2.model, blocks, cfg, opt2, lambda r: None, lambda s: None, resume=resume)
+    for k, v in lm2.model.state_dict().items():
+        assert torch.equal(v, want[k]), k

@@ -82,6 +82,20 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
     return v.double().sqrt().float() if v.device.type == "cpu" else v.sqrt()
 
 
+def _all_flags(flags: list[Any]) -> list[bool]:
+    """Python bools and device tensors -> bools, with one transfer per device."""
+    out: list[Any] = list(flags)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        if torch.is_tensor(f):
+            by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([flags[i].reshape(()).bool() for i in idx]).tolist()
+        for i, v in zip(idx, values, strict=True):
+            out[i] = v
+    return [bool(f) for f in out]
+
+
 def _inv_or_zero(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, torch.ones_like(s) / s, torch.zeros_like(s))
 
@@ -180,11 +194,11 @@ class AdamW4bit(torch.optim.Optimizer):
                 return group
         raise ValueError("p: not a parameter of this optimizer")
 
-    def _backend_for(self, p: torch.Tensor) -> str:
+    def _backend_for(self, p: torch.Tensor, block: int) -> str:
         if p.is_cuda and self.backend in ("auto", "triton"):
             from plasticity.optim import _triton
 
-            if _triton.available():
+            if _triton.available() and _triton.supports(block):
                 return "triton"
         if (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
                 and self.backend in ("auto", "cpp")):
@@ -236,17 +250,12 @@ class AdamW4bit(torch.optim.Optimizer):
                 if g.is_complex():
                     raise ValueError("grad: AdamW4bit does not support complex gradients")
                 kind = self.layout(p, group)
-                backend = self._backend_for(p)
+                backend = self._backend_for(p, group["block_size"])
                 plan = self._pass_stats(p, g, group, kind, backend)
                 work.append((group, p, g, kind, backend, plan))
         if not work:
             return loss
-        flags = [w[5]["finite"] for w in work]
-        if any(torch.is_tensor(f) for f in flags):
-            ok = torch.stack([torch.as_tensor(f, device="cpu").reshape(()).bool() if not torch.is_tensor(f)
-                              else f.reshape(()).bool().cpu() for f in flags]).tolist()
-        else:
-            ok = [bool(f) for f in flags]
+        ok = _all_flags([w[5]["finite"] for w in work])
         if not all(ok):
             bad = [f"#{i} {tuple(w[1].shape)}" for i, (w, good) in enumerate(zip(work, ok, strict=True)) if not good]
             self.skipped_steps += 1
@@ -289,7 +298,7 @@ class AdamW4bit(torch.optim.Optimizer):
                 from plasticity.optim import _triton
 
                 row_max, col_max, finite = _triton.rank1_stats(
-                    g, vcodes, row_old, col_old, cols, fresh, b2)
+                    g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2)
             else:
                 gf = g.reshape(-1).float()
                 vnew = self._v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2)

@@ -55,24 +55,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
+    """The optimizer named by `cfg.optimizer`: 'adamw4bit' (4-bit moments) or 'adamw'."""
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.optimizer == "adamw4bit":
+        from plasticity.optim import AdamW4bit
+
+        return AdamW4bit(
             model.parameters(),
             lr=cfg.lr,
-            betas=(cfg.betas[0], cfg.betas[1]),
+            betas=betas,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
+            second_moment=cfg.second_moment,
+            block_size=cfg.block_size,
+            min_quantized_numel=cfg.min_quantized_numel,
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     raise ValueError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-    return total
+    """Bytes the optimizer's per-parameter state tensors occupy (codes, scales, moments)."""
+    from plasticity.optim import optimizer_state_bytes as count
+
+    return count(optimizer)
 
 
 @dataclass
@@ -159,7 +168,12 @@ def finetune(
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
             )
-        optimizer.step()
+        try:
+            optimizer.step()
+        except FloatingPointError as exc:  # AdamW4bit: a non-finite gradient, nothing changed
+            raise FloatingPointError(
+                f"step {step}: {exc}; stopping (the last good snapshot is kept)"
+            ) from exc
         tokens_seen += batch.numel()
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             on_record(
