@@ -20,6 +20,7 @@ from tasks.stages import (
     finetune_task,
     plasticity_task,
     report_task,
+    vocab_similarity_task,
     vocab_task,
 )
 
@@ -89,6 +90,7 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
             _stage(f"plasticity (target step={r.step})", f.result)
         for r, f in zip(refs, vocab, strict=True):
             _stage(f"vocab (checkpoint step={r.step})", f.result)
+        _stage("vocab similarity", lambda: vocab_similarity_task(cfg, run_id))
         report = _stage("report", lambda: report_task(cfg, run_id))
         manifest.set_status("done")
     except BaseException as exc:

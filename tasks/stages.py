@@ -197,6 +197,21 @@ def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerS
     )
 
 
+@task(name="vocab-similarity", cache_policy=NONE, retries=RETRIES,
+      retry_delay_seconds=RETRY_BACKOFF_S, retry_condition_fn=retry_on_storage_faults,
+      task_run_name="vocab similarity across checkpoints")
+def vocab_similarity_task(cfg: RunConfig, run_id: str) -> None:
+    """Drift, circuit similarity and parameter alignment between checkpoints, from what
+    every checkpoint's vocab stage wrote."""
+    from plasticity.vocab.stage import vocab_similarity_stage
+
+    manifest = _manifest(cfg, run_id)
+    if manifest.is_done("vocab_similarity", "all"):
+        return
+    result = vocab_similarity_stage(cfg, run_id)
+    manifest.commit("vocab_similarity", "all", result.shards, summary=result.summary)
+
+
 @task(name="report", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def report_task(cfg: RunConfig, run_id: str) -> dict:
     manifest = _manifest(cfg, run_id)

@@ -196,7 +196,8 @@ def test_vocab_topk_matches_brute_force(run):
     top = torch.topk(scores, cfg.vocab.top_k).indices.tolist()
     bottom = torch.topk(-scores, cfg.vocab.top_k).indices.tolist()
     table = read_table(storage, "vocab_topk", ["t1"])
-    rows = [r for r in table.to_pylist() if r["checkpoint_step"] == refs[-1].step and r["layer"] == 1]
+    rows = [r for r in table.to_pylist() if r["checkpoint_step"] == refs[-1].step and r["layer"] == 1
+            and r["object"] == f"direction_{cfg.plasticity.method}" and r["variant"] == "raw"]
     assert [r["token_id"] for r in sorted(rows, key=lambda r: r["rank"]) if r["sign"] == 1] == top
     assert [r["token_id"] for r in sorted(rows, key=lambda r: r["rank"]) if r["sign"] == -1] == bottom
     assert rows[0]["token"] == lm.tokenizer.decode([rows[0]["token_id"]])
