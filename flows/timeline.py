@@ -29,8 +29,13 @@ class StageFailed(RuntimeError):
     """A stage of the timeline failed; the message names the stage, the unit and the cause."""
 
 
-def _stage(label: str, call):
-    """Run or wait for one stage unit; a failure names the stage and its cause."""
+def _stage(label: str, call, lock: RunLock | None = None):
+    """Run or wait for one stage unit; a failure names the stage and its cause. An attempt
+    that lost its run lock to another (it was paused past the lock's staleness) stops."""
+    if lock is not None and lock.lost:
+        raise StageFailed(
+            f"stage {label} not started: run {lock.run_id} lost its lock to another attempt"
+        )
     try:
         return call()
     except StageFailed:
@@ -75,23 +80,23 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
             for t in (finetune_task, extract_task, plasticity_task, vocab_task)
         )
         started_ray = ensure_ray(cfg.compute.ray_address, cfg.compute.working_dir)
-        refs = _stage("finetune", lambda: finetune(cfg, run_id))
+        refs = _stage("finetune", lambda: finetune(cfg, run_id), lock)
         logger.info("checkpoints: %s", [r.step for r in refs])
         workers = start_workers(cfg, run_id)
         pick = {r.step: workers[i % len(workers)] for i, r in enumerate(refs)}
         extracts = [extract.submit(cfg, run_id, r, pick[r.step]) for r in refs]
         for r, f in zip(refs, extracts, strict=True):
-            _stage(f"extract (checkpoint step={r.step})", f.result)
-        _stage("detection table", lambda: detection_task(cfg, run_id))
+            _stage(f"extract (checkpoint step={r.step})", f.result, lock)
+        _stage("detection table", lambda: detection_task(cfg, run_id), lock)
         # Target j goes to the worker that already holds model j from extraction.
         grid = [plasticity.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs]
         vocab = [vocab_t.submit(cfg, run_id, r, pick[r.step], wait_for=[g]) for r, g in zip(refs, grid, strict=True)]
         for r, f in zip(refs, grid, strict=True):
-            _stage(f"plasticity (target step={r.step})", f.result)
+            _stage(f"plasticity (target step={r.step})", f.result, lock)
         for r, f in zip(refs, vocab, strict=True):
-            _stage(f"vocab (checkpoint step={r.step})", f.result)
-        _stage("vocab similarity", lambda: vocab_similarity_task(cfg, run_id))
-        report = _stage("report", lambda: report_task(cfg, run_id))
+            _stage(f"vocab (checkpoint step={r.step})", f.result, lock)
+        _stage("vocab similarity", lambda: vocab_similarity_task(cfg, run_id), lock)
+        report = _stage("report", lambda: report_task(cfg, run_id), lock)
         manifest.set_status("done")
     except BaseException as exc:
         manifest.set_status("failed", error=f"{type(exc).__name__}: {exc}")
