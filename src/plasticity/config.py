@@ -238,6 +238,43 @@ class PlasticityConfig:
             _non_empty,
         ),
     )
+    modes: list[Literal["matrix", "training"]] = field(
+        default_factory=lambda: ["matrix"],
+        metadata=_doc(
+            "'matrix': every checkpoint's direction steers every checkpoint at inference; "
+            "'training': the protocol of Kannan (2024) - branch from the snapshot at each "
+            "intervention step t, mix the loss of step t+1 with the loss under the steered "
+            "last hidden state, L + lambda*(L' - L), train on to the end and score the "
+            "final model against the run's own final model. Both may be listed.",
+            _non_empty,
+        ),
+    )
+    intervention_steps: list[int] | None = field(
+        default=None,
+        metadata=_doc(
+            "Snapshot steps to branch from in 'training' mode (None: every snapshot before "
+            "the last).",
+            _non_negative_items,
+        ),
+    )
+    intervention_lambda: float = field(
+        default=1.0, metadata=_doc("Weight of the steered loss, L + lambda*(L' - L).", _non_negative)
+    )
+    intervention_alpha: float = field(
+        default=0.25,
+        metadata=_doc(
+            "Steering coefficient of the intervention, in units of the snapshot's residual "
+            "norm at the intervention layer."
+        ),
+    )
+    intervention_layer: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Block whose output (the 'last hidden state' for the last block) is steered in "
+            "'training' mode (None: the last block; it must be among concept.layers).",
+            _non_negative,
+        ),
+    )
     null_seeds: int = field(
         default=2,
         metadata=_doc(
@@ -575,6 +612,24 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
         errors.append(
             f"plasticity.method: {cfg.plasticity.method!r} is not among concept.methods {c.methods}"
         )
+    pl = cfg.plasticity
+    if "training" in pl.modes:
+        if t.max_steps not in t.snapshot_steps:
+            errors.append(
+                f"plasticity.modes: 'training' compares with the run's final model, so "
+                f"train.snapshot_steps must include train.max_steps={t.max_steps}"
+            )
+        steps = pl.intervention_steps
+        bad = [s for s in (steps or []) if s not in t.snapshot_steps or s >= t.max_steps]
+        if bad:
+            errors.append(
+                f"plasticity.intervention_steps: {bad} are not snapshot steps before "
+                f"train.max_steps={t.max_steps} (snapshots: {t.snapshot_steps})"
+            )
+        if steps is not None and not steps:
+            errors.append("plasticity.intervention_steps: expected at least one step")
+    if len(set(pl.modes)) != len(pl.modes):
+        errors.append(f"plasticity.modes: duplicate modes in {pl.modes}")
     if len(set(cfg.plasticity.operators)) != len(cfg.plasticity.operators):
         errors.append(f"plasticity.operators: duplicate operators in {cfg.plasticity.operators}")
     if len(set(c.methods)) != len(c.methods):

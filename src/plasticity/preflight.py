@@ -45,6 +45,18 @@ def preflight(cfg: RunConfig) -> list[str]:
             bad = [x for x in (layers or []) if x >= n_layers]
             if bad:
                 errors.append(f"{name}: layers {bad} are outside the model's 0..{n_layers - 1}")
+        if "training" in cfg.plasticity.modes:
+            layer = cfg.plasticity.intervention_layer
+            layer = n_layers - 1 if layer is None else layer
+            if layer >= n_layers:
+                errors.append(
+                    f"plasticity.intervention_layer: {layer} is outside the model's 0..{n_layers - 1}"
+                )
+            elif cfg.concept.layers is not None and layer not in cfg.concept.layers:
+                errors.append(
+                    f"plasticity.intervention_layer: layer {layer} is steered in 'training' mode "
+                    "but not extracted (add it to concept.layers)"
+                )
         if cfg.concept.layers is not None:
             missing = [x for x in steered if x not in cfg.concept.layers]
             if missing:

@@ -380,3 +380,39 @@ def test_report_command_regenerates_the_report_from_the_tables(run, capsys):
     assert storage.read_bytes(summary).decode().strip() in out
     assert main(["report", "--run-id", "nosuchrun", "--storage", cfg.storage.uri]) == 2
     assert "no run 'nosuchrun'" in capsys.readouterr().err
+
+
+def test_training_time_intervention_with_lambda_zero_reproduces_the_final_model(run):
+    import dataclasses
+
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    zero = dataclasses.replace(
+        cfg, plasticity=dataclasses.replace(cfg.plasticity, modes=["training"], intervention_lambda=0.0)
+    )
+    stages.intervention_stage(zero, "t1", 0, refs)
+    rows = read_table(storage, "intervention_items", ["t1"]).to_pylist()
+    assert rows and all(r["delta"] == 0.0 for r in rows)  # the branch is the run itself
+    summary = read_table(storage, "intervention", ["t1"]).to_pylist()
+    assert all(r["final_loss"] == r["baseline_final_loss"] for r in summary)
+    strong = dataclasses.replace(
+        cfg, plasticity=dataclasses.replace(cfg.plasticity, modes=["training"], intervention_lambda=1.0,
+                                            intervention_alpha=4.0)
+    )
+    result = stages.intervention_stage(strong, "t1", 0, refs)
+    summary = read_table(storage, "intervention", ["t1"], paths=[result.shards[0]]).to_pylist()
+    assert {r["metric"] for r in summary} == set(cfg.plasticity.metrics)
+    assert all(r["intervention_step"] == 0 and r["layer"] == 3 for r in summary)
+    assert summary[0]["final_loss"] != summary[0]["baseline_final_loss"]
+    gap = next(r for r in summary if r["metric"] == "facts_logit_gap")
+    assert gap["delta"] != 0 and gap["ci_low"] <= gap["delta"] <= gap["ci_high"]
+
+
+def test_training_mode_needs_the_final_snapshot_and_snapshot_steps():
+    from plasticity.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="must include train.max_steps=20"):
+        config_from_dict({"plasticity": {"modes": ["training"]}, "train": {"snapshot_steps": [0, 10]}})
+    with pytest.raises(ConfigError, match=r"intervention_steps: \[5, 20\] are not snapshot steps"):
+        config_from_dict({"plasticity": {"modes": ["training"], "intervention_steps": [5, 20]},
+                          "train": {"snapshot_steps": [0, 10, 20]}})

@@ -117,6 +117,26 @@ TABLES: dict[str, TableSpec] = {
             ),
         ),
         TableSpec(
+            "intervention",
+            _RUN,
+            (
+                ("intervention_step", pa.int64()), ("concept", pa.string()), ("layer", pa.int32()),
+                ("lam", pa.float64()), ("alpha_rel", pa.float64()), ("metric", pa.string()),
+                ("value", pa.float64()), ("baseline", pa.float64()), ("delta", pa.float64()),
+                ("n", pa.int64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+                ("final_loss", pa.float64()), ("baseline_final_loss", pa.float64()),
+            ),
+        ),
+        TableSpec(
+            "intervention_items",
+            _RUN,
+            (
+                ("intervention_step", pa.int64()), ("concept", pa.string()), ("layer", pa.int32()),
+                ("metric", pa.string()), ("item", pa.int64()), ("value", pa.float64()),
+                ("baseline", pa.float64()), ("delta", pa.float64()),
+            ),
+        ),
+        TableSpec(
             "plasticity_stats",
             _RUN,
             (

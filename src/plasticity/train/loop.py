@@ -107,8 +107,12 @@ def finetune(
     on_snapshot: Callable[[TrainState], None],
     device: torch.device | str = "cpu",
     resume: TrainState | None = None,
+    mix_loss: Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Train up to `cfg.max_steps`; call `on_snapshot(state)` at each snapshot step.
+
+    `mix_loss(step, model, batch, loss)`, if given, returns the loss to backpropagate at
+    each step (the training-time intervention mixes in a steered loss there).
 
     Batches are drawn from a seeded permutation of `blocks`, epoch after epoch, so a run
     is reproducible from its config alone. With `resume` (and the model and optimizer
@@ -155,6 +159,8 @@ def finetune(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=batch, labels=batch)
         loss = out.loss
+        if mix_loss is not None:
+            loss = mix_loss(step, model, batch, loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {step}; stopping "
