@@ -447,3 +447,22 @@ def test_it_trains_like_fp32_adamw_on_a_small_regression():
     for name in ("rank1", "block", "factor"):
         assert finals[name] < 0.05 * initial, finals
     assert finals["factor"] < 1.5 * finals["adamw"], finals
+
+
+def test_a_reloaded_optimizer_writes_the_same_checkpoint_metadata(tmp_path):
+    """The resume test compares optimizer.safetensors metadata of a resumed and an
+    uninterrupted run: the order in which a load fills the state must not show."""
+    from safetensors import safe_open
+
+    from plasticity.train.checkpoint import optimizer_from_safetensors, optimizer_to_safetensors
+
+    model, opt, _, _, _ = _trained()
+    optimizer_to_safetensors(opt, tmp_path / "a.safetensors")
+    model2, opt2, _, _, _ = _trained(steps=0)
+    optimizer_from_safetensors(opt2, tmp_path / "a.safetensors")
+    optimizer_to_safetensors(opt2, tmp_path / "b.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as a, safe_open(str(tmp_path / "b.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key

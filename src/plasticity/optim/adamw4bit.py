@@ -137,6 +137,15 @@ class AdamW4bit(torch.optim.Optimizer):
     "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run).
     """
 
+    # The second moment's 4-bit map (the value of each code) and its quantizer (values already
+    # divided by their scale -> codes). A subclass may swap both for an ablation; it then runs
+    # on the PyTorch path only, since the kernels implement this map.
+    v_map: torch.Tensor = quant.UNSIGNED_MAP
+
+    @staticmethod
+    def v_quantize(x: torch.Tensor) -> torch.Tensor:
+        return quant.quantize_unsigned(x)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -195,6 +204,8 @@ class AdamW4bit(torch.optim.Optimizer):
         raise ValueError("p: not a parameter of this optimizer")
 
     def _backend_for(self, p: torch.Tensor, block: int) -> str:
+        if type(self).v_map is not AdamW4bit.v_map or type(self).v_quantize is not AdamW4bit.v_quantize:
+            return "torch"
         if p.is_cuda and self.backend in ("auto", "triton"):
             from plasticity.optim import _triton
 
@@ -332,14 +343,13 @@ class AdamW4bit(torch.optim.Optimizer):
         finite = torch.isfinite(g).all()
         return {"finite": finite if p.is_cuda else bool(finite)}
 
-    @staticmethod
-    def _v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2) -> torch.Tensor:
+    def _v_new_torch(self, gf, vcodes, row_old, col_old, cols, fresh, b2) -> torch.Tensor:
         n = gf.numel()
         if fresh:
             vo = torch.zeros_like(gf)
         else:
             s_old = torch.minimum(row_old[:, None], col_old[None, :]).reshape(-1)
-            vo = quant.UNSIGNED_MAP.to(gf.device)[quant.unpack_nibbles(vcodes, n)] * s_old
+            vo = self.v_map.to(gf.device)[quant.unpack_nibbles(vcodes, n)] * s_old
         return vo * b2 + (gf * gf) * (1.0 - b2)
 
     def _pass_update(self, p, g, group, kind, backend, plan) -> None:
@@ -417,7 +427,7 @@ class AdamW4bit(torch.optim.Optimizer):
         dev = p.device
         fresh = st["step"] == 0
         gf = g.reshape(-1).float()
-        smap, umap = quant.SIGNED_MAP.to(dev), quant.UNSIGNED_MAP.to(dev)
+        smap, umap = quant.SIGNED_MAP.to(dev), self.v_map.to(dev)
         if fresh:
             mo = torch.zeros_like(gf)
         else:
@@ -458,7 +468,7 @@ class AdamW4bit(torch.optim.Optimizer):
                 st["exp_avg_sq_scale"].copy_(v_scale)
                 inv = quant.expand_blocks(_inv_or_zero(v_scale), block, n)
             x = v * inv
-            st["exp_avg_sq_codes"].copy_(quant.pack_nibbles(quant.quantize_unsigned(x)))
+            st["exp_avg_sq_codes"].copy_(quant.pack_nibbles(self.v_quantize(x)))
         p.copy_(pf.view_as(p))
 
     # ------------------------------------------------------------------ inspection
@@ -482,7 +492,7 @@ class AdamW4bit(torch.optim.Optimizer):
             rf = torch.where(r_mean > 0, r / r_mean, torch.zeros_like(r))
             v = (rf[:, :, None] * st["exp_avg_sq_col"].reshape(-1, 1, cols)).reshape(-1)
         else:
-            codes = quant.UNSIGNED_MAP.to(p.device)[quant.unpack_nibbles(st["exp_avg_sq_codes"], n)]
+            codes = self.v_map.to(p.device)[quant.unpack_nibbles(st["exp_avg_sq_codes"], n)]
             if kind == "rank1":
                 maxes = [st[f"exp_avg_sq_max{k}"] for k in range(p.dim())]
                 s = torch.minimum(_row_scale(maxes[:-1], p.shape)[:, None], maxes[-1][None, :])

@@ -69,16 +69,23 @@ def optimizer_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> No
                 tensors[key] = value.detach().cpu().contiguous()
             else:
                 scalars[key] = value
+    # Sorted keys: the state's order depends on how it was filled (first steps, or a load),
+    # and a resumed run must write the same metadata as an uninterrupted one.
     meta = {
-        "param_groups": json.dumps(sd["param_groups"]),
-        "scalars": json.dumps(scalars),
+        "param_groups": json.dumps(sd["param_groups"], sort_keys=True),
+        "scalars": json.dumps(scalars, sort_keys=True),
         "optimizer": type(optimizer).__name__,
     }
     save_file(tensors, str(path), metadata=meta)
 
 
 def optimizer_from_safetensors(optimizer: torch.optim.Optimizer, path: str | Path) -> None:
-    """Restore `optimizer` from a file written by `optimizer_to_safetensors` (no pickle)."""
+    """Restore `optimizer` from a file written by `optimizer_to_safetensors` (no pickle).
+
+    Tensors come back with their saved dtypes (AdamW4bit keeps uint8 codes uint8 and fp32
+    scales fp32 whatever the parameters' dtype); plain values (AdamW4bit's integer step)
+    come from the JSON metadata.
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
