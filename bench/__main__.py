@@ -1,8 +1,11 @@
 """`make bench`: run every benchmark and print its ratios."""
 
-from bench import hooks, sweep, vocab_circuits
+from bench import hooks, optim, sweep, vocab_circuits
 
 if __name__ == "__main__":
     hooks.main()
     sweep.main()
     vocab_circuits.main([])
+    # AdamW4bit vs fused fp32 AdamW step (the fine-tuning quality bench, bench.optim_quality,
+    # takes tens of minutes and runs on its own).
+    optim.main([])
