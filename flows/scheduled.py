@@ -35,19 +35,57 @@ def resolve(
     return cfg.to_dict(), run_id
 
 
+def credentials_from_block(name: str) -> dict[str, str]:
+    """AWS environment variables from a prefect-aws `AwsCredentials` block named `name`.
+
+    The values stay in this process's environment (s3fs reads them there, and a local
+    Ray's workers inherit them); they are never logged, passed as parameters, or put in
+    Ray's runtime_env. Nodes of a remote Ray cluster use their own credentials."""
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError as exc:
+        raise ConfigError([
+            f"aws_credentials_block: using {name!r} needs prefect-aws (pip install 'plasticity[aws]')"
+        ]) from exc
+    try:
+        block = AwsCredentials.load(name)
+    except ValueError as exc:
+        raise ConfigError([f"aws_credentials_block: no AwsCredentials block named {name!r}"]) from exc
+    env: dict[str, str] = {}
+    if block.aws_access_key_id:
+        env["AWS_ACCESS_KEY_ID"] = block.aws_access_key_id
+    if block.aws_secret_access_key:
+        env["AWS_SECRET_ACCESS_KEY"] = block.aws_secret_access_key.get_secret_value()
+    token = block.aws_session_token
+    if token:
+        env["AWS_SESSION_TOKEN"] = token.get_secret_value() if hasattr(token, "get_secret_value") else token
+    if block.profile_name:
+        env["AWS_PROFILE"] = block.profile_name
+    if block.region_name:
+        env["AWS_DEFAULT_REGION"] = block.region_name
+    return env
+
+
 @flow(name="plasticity-scheduled", log_prints=False)
 def scheduled_timeline(
     config_path: str = "configs/smoke.yaml",
     overrides: list[str] | None = None,
     storage: str | None = None,
     run_id: str | None = None,
+    aws_credentials_block: str | None = None,
 ) -> dict:
     """Resolve the config, then run the timeline flow under the run id (a scheduled run
-    without one gets `<name>-<scheduled UTC time>`, so a retried flow run resumes)."""
+    without one gets `<name>-<scheduled UTC time>`, so a retried flow run resumes).
+    `aws_credentials_block` names a prefect-aws AwsCredentials block to take the S3
+    credentials from, instead of the worker's environment."""
+    import os
+
     from prefect.runtime import flow_run
 
     from flows.timeline import timeline
 
+    if aws_credentials_block:
+        os.environ.update(credentials_from_block(aws_credentials_block))
     when = flow_run.scheduled_start_time
     when = when.astimezone(dt.UTC) if when is not None else None
     config, rid = resolve(config_path, overrides, storage, run_id, when)

@@ -108,12 +108,13 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
         pass
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
     """`prefect server start` on a free loopback port, with its own PREFECT_HOME.
 
     Yields the environment (PREFECT_API_URL, PREFECT_HOME) for clients, workers and CLI
     calls; stops the server and everything it started afterwards."""
+    tmp_path = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     home = tmp_path / "prefect-home"
     home.mkdir()

@@ -111,3 +111,24 @@ def test_deploy_run_the_smoke_deployment_and_read_its_artefacts(prefect_server, 
 def _table(data) -> list[dict]:
     rows = json.loads(data) if isinstance(data, str) else data
     return rows
+
+
+def test_s3_credentials_from_an_aws_credentials_block(prefect_server):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_aws import AwsCredentials
+
+    from flows.scheduled import credentials_from_block
+    from plasticity.config import ConfigError
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        AwsCredentials(
+            aws_access_key_id="AKIAPLASTICITYBLOCK1", aws_secret_access_key="block-secret-0123",
+            region_name="eu-west-1",
+        ).save("plasticity-lab", overwrite=True)
+        assert credentials_from_block("plasticity-lab") == {
+            "AWS_ACCESS_KEY_ID": "AKIAPLASTICITYBLOCK1",
+            "AWS_SECRET_ACCESS_KEY": "block-secret-0123",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+        }
+        with pytest.raises(ConfigError, match="aws_credentials_block: no AwsCredentials block named 'nope'"):
+            credentials_from_block("nope")
