@@ -1,5 +1,5 @@
 """The timeline flow: finetune -> extract (per checkpoint) -> plasticity (per target) ->
-vocab (per checkpoint) -> report. Tasks drive Ray actors; only configs, URIs and small
+vocab (per checkpoint) -> intervention branches (training mode) -> report. Tasks drive Ray actors; only configs, URIs and small
 dataclasses cross between them."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from plasticity.config import config_from_dict, validate_run_id
+from plasticity.stages import intervention_steps
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest, RunLock
 from tasks.actors import ensure_ray, start_workers, stop
@@ -18,6 +19,7 @@ from tasks.stages import (
     detection_task,
     extract_task,
     finetune_task,
+    intervention_task,
     plasticity_task,
     report_task,
     vocab_similarity_task,
@@ -75,9 +77,9 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
     workers = []
     try:
         results = result_storage_block(cfg, run_id)
-        finetune, extract, plasticity, vocab_t = (
+        finetune, extract, plasticity, vocab_t, intervention = (
             t.with_options(result_storage=results)
-            for t in (finetune_task, extract_task, plasticity_task, vocab_task)
+            for t in (finetune_task, extract_task, plasticity_task, vocab_task, intervention_task)
         )
         started_ray = ensure_ray(cfg.compute.ray_address, cfg.compute.working_dir)
         refs = _stage("finetune", lambda: finetune(cfg, run_id), lock)
@@ -89,10 +91,21 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
             _stage(f"extract (checkpoint step={r.step})", f.result, lock)
         _stage("detection table", lambda: detection_task(cfg, run_id), lock)
         # Target j goes to the worker that already holds model j from extraction.
-        grid = [plasticity.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs]
-        vocab = [vocab_t.submit(cfg, run_id, r, pick[r.step], wait_for=[g]) for r, g in zip(refs, grid, strict=True)]
+        modes = cfg.plasticity.modes
+        grid = [plasticity.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs] if "matrix" in modes else []
+        vocab = [
+            vocab_t.submit(cfg, run_id, r, pick[r.step], wait_for=grid[i : i + 1])
+            for i, r in enumerate(refs)
+        ]
         for r, f in zip(refs, grid, strict=True):
             _stage(f"plasticity (target step={r.step})", f.result, lock)
+        if "training" in modes:
+            branches = [
+                intervention.submit(cfg, run_id, t, refs, workers[i % len(workers)], wait_for=vocab)
+                for i, t in enumerate(intervention_steps(cfg))
+            ]
+            for t, f in zip(intervention_steps(cfg), branches, strict=True):
+                _stage(f"intervention (branch from step={t})", f.result, lock)
         for r, f in zip(refs, vocab, strict=True):
             _stage(f"vocab (checkpoint step={r.step})", f.result, lock)
         _stage("vocab similarity", lambda: vocab_similarity_task(cfg, run_id), lock)

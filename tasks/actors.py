@@ -59,6 +59,12 @@ class StageWorker:
 
         return self._where(vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
 
+    def intervention(self, cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef]):
+        from plasticity.stages import intervention_stage
+
+        self._loaded = None  # the branch trains its own copy; free the cached model first
+        return self._where(intervention_stage(cfg, run_id, step, refs))
+
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 

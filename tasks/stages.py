@@ -189,6 +189,16 @@ def plasticity_task(
     )
 
 
+@task(name="intervention", **STAGE_TASK, task_run_name="intervention branch from step={step}")
+def intervention_task(
+    cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef], worker: WorkerSpec
+) -> None:
+    _run_unit(
+        cfg, run_id, "intervention", f"step={step}",
+        lambda: actor(worker).intervention.remote(cfg, run_id, step, refs),
+    )
+
+
 @task(name="vocab", **STAGE_TASK, task_run_name="vocab checkpoint step={ckpt.step}")
 def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
     _run_unit(
@@ -223,7 +233,8 @@ def report_task(cfg: RunConfig, run_id: str) -> dict:
     manifest.commit("similarity", "all", similarity.shards)
     committed = {
         t: manifest.committed_shards(t)
-        for t in ("plasticity", "plasticity_items", "directions", "direction_similarity")
+        for t in ("plasticity", "plasticity_items", "directions", "direction_similarity",
+                  "intervention", "intervention_items")
     }
     result = report_stage(cfg, run_id, committed)
     summary = result.summary

@@ -761,7 +761,7 @@ def report_stage(
             "markdown": rep.markdown,
             "figures": rep.figure_uris,
             "figure_paths": rep.figure_paths,
-            "png": rep.figure_uris["plasticity_matrix"],
+            "png": rep.figure_uris.get("plasticity_matrix") or next(iter(rep.figure_uris.values())),
             "matrix": rep.matrix,
             "sources": rep.sources,
             "targets": rep.targets,

@@ -416,3 +416,20 @@ def test_training_mode_needs_the_final_snapshot_and_snapshot_steps():
     with pytest.raises(ConfigError, match=r"intervention_steps: \[5, 20\] are not snapshot steps"):
         config_from_dict({"plasticity": {"modes": ["training"], "intervention_steps": [5, 20]},
                           "train": {"snapshot_steps": [0, 10, 20]}})
+
+
+def test_report_shows_the_training_time_intervention(run):
+    import dataclasses
+
+    cfg, refs, _ = run
+    storage = Storage.from_config(cfg.storage)
+    both = dataclasses.replace(
+        cfg, plasticity=dataclasses.replace(cfg.plasticity, modes=["matrix", "training"],
+                                            intervention_alpha=4.0)
+    )
+    if not storage.fs.glob(storage.path("tables", "intervention", "run_id=t1", "*.parquet")):
+        stages.intervention_stage(both, "t1", 0, refs)
+    result = stages.report_stage(both, "t1")
+    assert "intervention" in result.summary["figures"] and "plasticity_matrix" in result.summary["figures"]
+    text = result.summary["markdown"]
+    assert "## Training-time intervention" in text and "| 0 |" in text

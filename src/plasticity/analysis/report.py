@@ -20,7 +20,6 @@ from plasticity.storage.fs import Storage
 from plasticity.storage.shards import Rows, read_table, write_shard
 
 log = logging.getLogger(__name__)
-FIGURES = ("plasticity_matrix", "self_plasticity", "effect_vs_alpha", "detection_by_layer", "direction_similarity")
 
 
 @dataclass
@@ -241,6 +240,49 @@ def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:+.3g}"
 
 
+def _optional(read, name: str) -> list[dict] | None:
+    try:
+        rows = read(name)
+    except FileNotFoundError:
+        return None
+    rows = rows.to_pylist() if hasattr(rows, "to_pylist") else rows
+    return rows or None
+
+
+def intervention_stats(items: list[dict], level: float = 0.05) -> list[dict]:
+    """`plasticity_stats` rows (scope 'training') comparing the intervention steps on the
+    per-item change of each metric against the run's final model."""
+    out = []
+    for (concept, layer, metric), grp in sorted(_group(items, ("concept", "layer", "metric")).items()):
+        by_step: dict[int, dict[int, float]] = {}
+        for r in grp:
+            by_step.setdefault(r["intervention_step"], {})[r["item"]] = r["delta"]
+        if len(by_step) < 2:
+            continue
+        steps = sorted(by_step)
+        values = [np.array([by_step[s][i] for i in sorted(by_step[s])]) for s in steps]
+        for row in compare_stages(steps, values, level):
+            out.append(dict(scope="training", concept=concept, layers=str(layer), operator="add",
+                            metric=metric, **row))
+    return out
+
+
+def figure_intervention(summary: list[dict], metric: str) -> bytes:
+    plt = _pyplot()
+    sel = sorted((r for r in summary if r["metric"] == metric), key=lambda r: r["intervention_step"])
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    x = [r["intervention_step"] for r in sel]
+    y = np.array([r["delta"] for r in sel])
+    ax.errorbar(x, y, yerr=[y - np.array([r["ci_low"] for r in sel]), np.array([r["ci_high"] for r in sel]) - y],
+                marker="o", capsize=4)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("intervention step (branch point)")
+    ax.set_ylabel(f"change in {metric} at the end")
+    lam = sel[0]["lam"] if sel else float("nan")
+    ax.set_title(f"Training-time intervention (lambda={lam:g}) against the run's final model", fontsize=9)
+    return _png(fig)
+
+
 def build_report(storage: Storage, run_id: str, cfg: RunConfig, shards: dict[str, list[str]] | None = None) -> Report:
     """Statistics table, figures and summary of one run, from its tables alone.
 
@@ -249,70 +291,88 @@ def build_report(storage: Storage, run_id: str, cfg: RunConfig, shards: dict[str
     shards = shards or {}
 
     def table(name: str):
-        return read_table(storage, name, run_ids=[run_id], paths=shards.get(name))
+        return read_table(storage, name, run_ids=[run_id], paths=shards.get(name) or None)
 
     p = cfg.plasticity
-    plas_all = table("plasticity").to_pylist()
-    items = table("plasticity_items")
     metric = p.metrics[0]
-    if not plas_all:
-        raise FileNotFoundError(f"run {run_id}: the plasticity table is empty")
-    # The headline selection: the first metric, the first layer set and operator.
-    layers0 = _first_set(cfg, plas_all)
-    operator0 = p.operators[0]
-    head = [r for r in plas_all if r["metric"] == metric and r["layers"] == layers0 and r["operator"] == operator0]
-    real = [r for r in head if r["direction"] != "random"]
-    nulls = [r for r in head if r["direction"] == "random"]
-    cells = _cells(real)
-    sources = sorted({r["source_step"] for r in real})
-    targets = sorted({r["target_step"] for r in real})
-    null_slopes: dict[int, list[float]] = {}
-    for r in _group(nulls, ("target_step", "null_seed")).values():
-        null_slopes.setdefault(r[0]["target_step"], []).append(r[0]["slope"])
-    null_max = {t: max(abs(v) for v in vals) for t, vals in null_slopes.items()}
-
-    stats_cols = plasticity_stats(items)
+    plas_all = _optional(table, "plasticity")
+    inter = _optional(table, "intervention")
+    inter_items = _optional(table, "intervention_items")
+    if plas_all is None and inter is None:
+        raise FileNotFoundError(f"run {run_id}: neither a plasticity nor an intervention table to report on")
     rep = Report(markdown="")
-    rep.shards.append(write_shard(storage, "plasticity_stats", {"run_id": run_id}, cfg.concept.name, stats_cols))
-    stats = [dict(zip(stats_cols, vals, strict=True)) for vals in zip(*stats_cols.values(), strict=True)]
-    head_stats = [s for s in stats if s["metric"] == metric and s["layers"] == layers0 and s["operator"] == operator0]
-    windows = sorted(s["stage_a"] for s in head_stats if s["scope"] == "self" and s["test"] == "window" and s["critical_window"])
-
+    figs: dict[str, bytes] = {}
+    stats_rows: list[dict] = []
+    matrix_md: list[str] = []
+    layers0, operator0, steered_layer = None, p.operators[0], None
+    head_stats: list[dict] = []
+    if plas_all is not None:
+        # The headline selection: the first metric, the first layer set and operator.
+        layers0 = _first_set(cfg, plas_all)
+        steered_layer = int(layers0.split(",")[0])
+        head = [r for r in plas_all if r["metric"] == metric and r["layers"] == layers0 and r["operator"] == operator0]
+        real = [r for r in head if r["direction"] != "random"]
+        nulls = [r for r in head if r["direction"] == "random"]
+        cells = _cells(real)
+        sources = sorted({r["source_step"] for r in real})
+        targets = sorted({r["target_step"] for r in real})
+        null_slopes: dict[int, list[float]] = {}
+        for r in _group(nulls, ("target_step", "null_seed")).values():
+            null_slopes.setdefault(r[0]["target_step"], []).append(r[0]["slope"])
+        null_max = {t: max(abs(v) for v in vals) for t, vals in null_slopes.items()}
+        cols = plasticity_stats(table("plasticity_items"))
+        stats_rows += [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+        head_stats = [s for s in stats_rows if s["metric"] == metric and s["layers"] == layers0 and s["operator"] == operator0]
+        windows = sorted(s["stage_a"] for s in head_stats if s["scope"] == "self" and s["test"] == "window" and s["critical_window"])
+        figs["plasticity_matrix"] = figure_matrix(cells, sources, targets, null_max, metric, cfg.concept.name)
+        figs["self_plasticity"] = figure_self(cells, targets, null_slopes, windows, metric)
+        figs["effect_vs_alpha"] = figure_alpha(head, targets, metric)
+        rep.sources, rep.targets, rep.critical_windows = sources, targets, windows
+        rep.matrix = [[cells[(s, t)]["slope"] if (s, t) in cells else float("nan") for t in targets] for s in sources]
+        matrix_md = _matrix_markdown(cfg, metric, layers0, operator0, cells, sources, targets, null_slopes,
+                                     head_stats, windows)
     directions = table("directions").select(["checkpoint_step", "layer", "method", "detection_accuracy"]).to_pylist()
-    try:
-        sim = table("direction_similarity").to_pylist()
-    except FileNotFoundError:
-        sim = []
-    steered_layer = int(layers0.split(",")[0])
-    figs = {
-        "plasticity_matrix": figure_matrix(cells, sources, targets, null_max, metric, cfg.concept.name),
-        "self_plasticity": figure_self(cells, targets, null_slopes, windows, metric),
-        "effect_vs_alpha": figure_alpha(head, targets, metric),
-        "detection_by_layer": figure_detection(directions),
-    }
+    sim = _optional(table, "direction_similarity") or []
+    figs["detection_by_layer"] = figure_detection(directions)
+    if steered_layer is None and sim:
+        steered_layer = max(r["layer"] for r in sim)
     if any(r["layer"] == steered_layer for r in sim):
         figs["direction_similarity"] = figure_similarity(sim, steered_layer)
+    training_md: list[str] = []
+    if inter is not None:
+        t_stats = intervention_stats(inter_items or [])
+        stats_rows += t_stats
+        figs["intervention"] = figure_intervention(inter, metric)
+        training_md = _training_markdown(inter, t_stats, metric)
+
     out_dir = storage.path("runs", run_id, "report")
+    stats_out = Rows("plasticity_stats")
+    for r in stats_rows:
+        stats_out.add(**r)
+    rep.shards.append(write_shard(storage, "plasticity_stats", {"run_id": run_id}, cfg.concept.name, stats_out.columns))
     for name, png in figs.items():
         path = posixpath.join(out_dir, f"{name}.png")
         storage.write_bytes(path, png)
         rep.figure_uris[name] = storage.full_uri(path)
         rep.figure_paths[name] = path
     rep.figures = figs
-    rep.sources, rep.targets, rep.critical_windows = sources, targets, windows
-    rep.matrix = [[cells[(s, t)]["slope"] if (s, t) in cells else float("nan") for t in targets] for s in sources]
 
-    # CSV of every metric's matrix, for spreadsheets.
-    csv = ["metric,layers,operator,source_step,target_step,slope,slope_ci_low,slope_ci_high"]
-    for r in sorted(_group([r for r in plas_all if r["direction"] != "random"],
-                           ("metric", "layers", "operator", "source_step", "target_step")).items()):
-        x = r[1][0]
-        csv.append(f"{x['metric']},\"{x['layers']}\",{x['operator']},{x['source_step']},{x['target_step']},"
-                   f"{x['slope']:.6g},{x['slope_ci_low']:.6g},{x['slope_ci_high']:.6g}")
-    storage.write_bytes(posixpath.join(out_dir, "plasticity_matrix.csv"), ("\n".join(csv) + "\n").encode())
+    if plas_all is not None:
+        # CSV of every metric's matrix, for spreadsheets.
+        csv = ["metric,layers,operator,source_step,target_step,slope,slope_ci_low,slope_ci_high"]
+        for r in sorted(_group([r for r in plas_all if r["direction"] != "random"],
+                               ("metric", "layers", "operator", "source_step", "target_step")).items()):
+            x = r[1][0]
+            csv.append(f"{x['metric']},\"{x['layers']}\",{x['operator']},{x['source_step']},{x['target_step']},"
+                       f"{x['slope']:.6g},{x['slope_ci_low']:.6g},{x['slope_ci_high']:.6g}")
+        storage.write_bytes(posixpath.join(out_dir, "plasticity_matrix.csv"), ("\n".join(csv) + "\n").encode())
 
-    rep.markdown = _markdown(cfg, run_id, metric, layers0, operator0, cells, sources, targets, null_slopes,
-                             head_stats, windows, directions, sim, steered_layer, storage)
+    lines = [f"# Run `{run_id}`: {cfg.concept.name} plasticity", ""]
+    lines += matrix_md + training_md
+    lines += _directions_markdown(cfg, directions, sim, steered_layer)
+    lines += _vocab_markdown(storage, run_id)
+    lines += ["", "## Figures", ""] + [f"- `{name}.png`" for name in figs]
+    rep.markdown = "\n".join(lines) + "\n"
     storage.write_bytes(posixpath.join(out_dir, "summary.md"), rep.markdown.encode())
     return rep
 
@@ -328,13 +388,11 @@ def _first_set(cfg: RunConfig, plas_all: list[dict]) -> str:
     return plas_all[0]["layers"]
 
 
-def _markdown(cfg, run_id, metric, layers, operator, cells, sources, targets, null_slopes, stats,
-              windows, directions, sim, steered_layer, storage) -> str:
+def _matrix_markdown(cfg, metric, layers, operator, cells, sources, targets, null_slopes, stats,
+                     windows) -> list[str]:
     p = cfg.plasticity
     n = next(iter(cells.values()))["n"] if cells else 0
     lines = [
-        f"# Run `{run_id}`: {cfg.concept.name} plasticity",
-        "",
         f"Model `{cfg.model.source}`, checkpoints at steps {targets}. Each cell is the slope of the "
         f"change in `{metric}` per unit `alpha_rel` (alpha in units of the target's mean residual "
         f"norm) when the `{p.method}` direction of the source checkpoint steers the target checkpoint "
@@ -373,29 +431,55 @@ def _markdown(cfg, run_id, metric, layers, operator, cells, sources, targets, nu
                      + (", ".join(str(w) for w in windows) if windows else "none") + ".")
     else:
         lines.append("Fewer than two checkpoints: no comparison.")
+    return lines
+
+
+def _training_markdown(inter: list[dict], stats: list[dict], metric: str) -> list[str]:
+    sel = sorted((r for r in inter if r["metric"] == metric), key=lambda r: r["intervention_step"])
+    if not sel:
+        return []
+    r0 = sel[0]
+    lines = ["", "## Training-time intervention", "",
+             f"Branches from each snapshot; the loss of the next step is L + {r0['lam']:g}*(L' - L), L' with "
+             f"the snapshot's direction added at layer {r0['layer']} (alpha_rel {r0['alpha_rel']:g}); the "
+             f"branch trains on to the end and is scored against the run's final model.", "",
+             f"| branch step | change in {metric} [95% CI] | final loss (run's: {r0['baseline_final_loss']:.4f}) |",
+             "|---|---|---|"]
+    for r in sel:
+        lines.append(f"| {r['intervention_step']} | {_fmt(r['delta'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] "
+                     f"| {r['final_loss']:.4f} |")
+    kw = [s for s in stats if s["test"] == "kruskal" and s["metric"] == metric]
+    if kw:
+        lines.append("")
+        lines.append(f"Kruskal-Wallis across branch steps: H = {_fmt(kw[0]['statistic'])}, p = {kw[0]['p_value']:.3g}.")
+    return lines
+
+
+def _directions_markdown(cfg, directions, sim, steered_layer) -> list[str]:
+    p = cfg.plasticity
     best = {}
     for r in directions:
         if r["method"] == p.method:
             cur = best.get(r["checkpoint_step"])
             if cur is None or r["detection_accuracy"] > cur[1]:
                 best[r["checkpoint_step"]] = (r["layer"], r["detection_accuracy"])
-    lines += ["", "## Directions", "",
-              "Best layer by test detection accuracy (`" + p.method + "`): "
-              + "; ".join(f"step {s}: layer {lay} ({acc:.3f})" for s, (lay, acc) in sorted(best.items())) + "."]
+    lines = ["", "## Directions", "",
+             "Best layer by test detection accuracy (`" + p.method + "`): "
+             + "; ".join(f"step {s}: layer {lay} ({acc:.3f})" for s, (lay, acc) in sorted(best.items())) + "."]
     sim_l = [r for r in sim if r["layer"] == steered_layer and r["step_a"] < r["step_b"]]
     if sim_l:
         lines.append(f"Cosine between checkpoints' directions at layer {steered_layer}: "
                      + "; ".join(f"{r['step_a']}-{r['step_b']}: {r['cosine']:.3f}" for r in sim_l) + ".")
+    return lines
+
+
+def _vocab_markdown(storage, run_id) -> list[str]:
     try:
         from plasticity.vocab.stage import vocab_summary_markdown
     except ImportError:
-        vocab_summary_markdown = None
-    if vocab_summary_markdown is not None:
-        try:
-            section = vocab_summary_markdown(storage, run_id)
-        except FileNotFoundError:
-            section = ""
-        if section:
-            lines += ["", section.strip()]
-    lines += ["", "## Figures", ""] + [f"- `{name}.png`" for name in FIGURES]
-    return "\n".join(lines) + "\n"
+        return []
+    try:
+        section = vocab_summary_markdown(storage, run_id)
+    except FileNotFoundError:
+        return []
+    return ["", section.strip()] if section else []
