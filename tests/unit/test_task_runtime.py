@@ -131,3 +131,44 @@ def test_trained_steps_and_detection_rows_from_shards(tmp_path):
             assert row[f"step_{step}"] == expected[(row["method"], row["layer"], step)]
     assert [(r["method"], r["layer"]) for r in table] == [("pca", 0), ("pca", 1), ("random", 0), ("random", 1)]
     assert detection_rows(storage, []) == []
+
+
+def test_a_failing_stage_names_the_stage_and_the_actors_exception():
+    from ray.exceptions import RayTaskError
+
+    from flows.timeline import StageFailed, _stage
+
+    def boom():
+        cause = ValueError("plasticity.layers: layer 7 was not extracted\n(details)")
+        raise RayTaskError("StageWorker.plasticity", "Traceback ...\nValueError", cause).as_instanceof_cause()
+
+    with pytest.raises(StageFailed) as err:
+        _stage("plasticity (target step=10)", boom)
+    assert str(err.value) == (
+        "stage plasticity (target step=10) failed: ValueError: (details)"
+    )
+    assert isinstance(err.value.__cause__, ValueError)
+
+    class Lost:
+        lost, run_id = True, "r1"
+
+    with pytest.raises(StageFailed, match="stage report not started: run r1 lost its lock"):
+        _stage("report", lambda: 1, Lost())
+
+
+def test_runtime_env_carries_no_secret_and_ships_code_only_when_asked(monkeypatch):
+    from tasks.actors import WORKING_DIR_EXCLUDES, runtime_env
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = runtime_env()
+    assert set(env) == {"env_vars"}  # no code shipped to a local or image-based cluster
+    assert env["env_vars"]["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert "s3cr3t" not in repr(env) and "AKIA" not in repr(env) and "tok" not in repr(env)
+    shipped = runtime_env("/repo")
+    assert shipped["working_dir"] == "/repo"
+    assert {".venv", ".env", "runs", ".git"} <= set(shipped["excludes"]) == set(WORKING_DIR_EXCLUDES)
