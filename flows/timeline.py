@@ -48,12 +48,13 @@ def _stage(label: str, call, lock: RunLock | None = None):
 
 def describe_cause(exc: BaseException) -> str:
     """`Type: message` of the root cause: the exception a Ray actor raised rather than
-    Ray's wrapper, and the message's last line (the error, not the traceback)."""
+    Ray's wrapper; of a long message its first and last lines."""
     cause = getattr(exc, "cause", None)  # RayTaskError carries the actor's exception
     if isinstance(cause, BaseException):
         exc = cause
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:500] if lines else ''}".rstrip(": ")
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}" if lines else ""
+    return f"{type(exc).__name__}: {text[:1000]}".rstrip(": ")
 
 
 @flow(name="plasticity-timeline", flow_run_name="timeline {run_id}", log_prints=False)

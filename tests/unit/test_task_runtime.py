@@ -145,7 +145,8 @@ def test_a_failing_stage_names_the_stage_and_the_actors_exception():
     with pytest.raises(StageFailed) as err:
         _stage("plasticity (target step=10)", boom)
     assert str(err.value) == (
-        "stage plasticity (target step=10) failed: ValueError: (details)"
+        "stage plasticity (target step=10) failed: ValueError: plasticity.layers: layer 7 was "
+        "not extracted ... (details)"
     )
     assert isinstance(err.value.__cause__, ValueError)
 
