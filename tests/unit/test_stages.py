@@ -433,3 +433,38 @@ def test_report_shows_the_training_time_intervention(run):
     assert "intervention" in result.summary["figures"] and "plasticity_matrix" in result.summary["figures"]
     text = result.summary["markdown"]
     assert "## Training-time intervention" in text and "| 0 |" in text
+
+
+def test_analysis_api_and_duckdb_read_the_plasticity_tables(run):
+    import duckdb
+
+    from plasticity.analysis import load
+
+    cfg, refs, _ = run
+    stages.similarity_stage(cfg, "t1")
+    stages.report_stage(cfg, "t1")
+    df = load("plasticity", cfg.storage.uri, ["t1"],
+              filters={"metric": "facts_logit_gap", "direction": "pca", "target_step": [4]}, as_pandas=True)
+    assert set(df["target_step"]) == {4} and set(df["metric"]) == {"facts_logit_gap"}
+    assert len(df) == len(refs) * len(cfg.plasticity.alphas)
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        load("plasticity", cfg.storage.uri, ["t1"], filters={"nope": 1})
+    with pytest.raises(ValueError, match="unknown table 'plastic'"):
+        load("plastic", cfg.storage.uri)
+    root = cfg.storage.uri.removeprefix("file://")
+    con = duckdb.connect()
+    slopes = con.sql(
+        f"SELECT source_step, target_step, any_value(slope) FROM read_parquet('{root}/tables/plasticity/**/*.parquet',"
+        " hive_partitioning = true) WHERE run_id = 't1' AND metric = 'facts_logit_gap' AND direction = 'pca'"
+        " GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    m = {(s, t): v for s, t, v in slopes}
+    api = load("plasticity", cfg.storage.uri, ["t1"], filters={"metric": "facts_logit_gap", "direction": "pca"})
+    for r in api.to_pylist():
+        assert m[(r["source_step"], r["target_step"])] == r["slope"]
+    for table in ("plasticity_stats", "direction_similarity", "plasticity_items"):
+        n = con.sql(
+            f"SELECT count(*) FROM read_parquet('{root}/tables/{table}/**/*.parquet', hive_partitioning = true)"
+            " WHERE run_id = 't1'"
+        ).fetchall()[0][0]
+        assert n == load(table, cfg.storage.uri, ["t1"]).num_rows > 0, table
