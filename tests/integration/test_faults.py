@@ -207,6 +207,14 @@ def test_s3_server_dies_mid_run_then_comes_back_and_the_runs_finish_whole(tmp_pa
             table = read_table(storage, "plasticity", [rid])
             assert set(table.column("run_id").to_pylist()) == {rid}
         assert counts["s3-outage"] == counts["neighbour"]  # same config: the same tables
+        # pandas reads both runs' tables from the S3 server (through s3fs).
+        import pandas as pd
+
+        for name in ("plasticity", "train_metrics"):
+            df = pd.read_parquet(f"s3://lab/root/tables/{name}",
+                                 storage_options={"client_kwargs": {"endpoint_url": endpoint}})
+            per_run = df["run_id"].astype(str).value_counts().to_dict()
+            assert per_run == {rid: counts[rid][name] for rid in run_ids}, name
     finally:
         for proc in procs.values():
             if proc.poll() is None:
