@@ -298,9 +298,11 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       const int64_t len = std::min(block, n - e0);
       const int64_t nbytes = (len + 1) / 2;
       const uint8_t* mcb = MC + e0 / 2;
+      const int64_t i0 = (mode == 1) ? 0 : e0 / cols, j0 = (mode == 1) ? 0 : e0 - i0 * cols;
+      // Rank-1 block inside one row (the common case): one fused loop below.
+      const bool fast = mode == 0 && j0 + len <= cols;
       // Scales of the second moment for this block (modes 0 and 2).
-      if (mode == 0 || mode == 2) {
-        const int64_t i0 = e0 / cols, j0 = e0 - i0 * cols;
+      if ((mode == 0 && !fast) || mode == 2) {
         if (j0 + len <= cols) {  // the block lies inside one row
           if (mode == 0) {
             const float ro = RO[i0], irn = IRN[i0];
@@ -331,6 +333,20 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           mo[k] = 0.0f;
           vo[k] = 0.0f;
         }
+      } else if (fast) {
+        for (int64_t q = 0; q < nbytes; ++q) {
+          const uint8_t byte = mcb[q];
+          cm[2 * q] = byte & 15;
+          cm[2 * q + 1] = byte >> 4;
+        }
+        lookup16(cm.data(), smap, MS[b], mo.data(), len);
+        const uint8_t* vcb = VC + e0 / 2;
+        for (int64_t q = 0; q < nbytes; ++q) {
+          const uint8_t byte = vcb[q];
+          cv[2 * q] = byte & 15;
+          cv[2 * q + 1] = byte >> 4;
+        }
+        for (int64_t k = 0; k < len; ++k) vo[k] = (static_cast<float>(cv[k]) + 1.0f) * 0.0625f;
       } else {
         for (int64_t q = 0; q < nbytes; ++q) {
           const uint8_t byte = mcb[q];
@@ -362,7 +378,24 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       float* Pb = P + e0;
       const float* Gb = G + e0;
       uint32_t mmax = 0u, vmax = 0u;
-      if (mode == 2) {
+      if (fast) {
+        // Dequantize v, update, and quantize v with its (already known) new scale.
+        const float ro = fresh ? 0.0f : RO[i0], irn = IRN[i0];
+        const float* cob = CO + j0;
+        const float* icb = ICN + j0;
+        for (int64_t k = 0; k < len; ++k) {
+          const float g = Gb[k];
+          const float m = mo[k] * b1 + g * omb1;
+          const float vold = vo[k] * std::min(ro, cob[k]);  // vo: the map's value (0 if fresh)
+          const float v = vold * b2 + (g * g) * omb2;
+          const float den = std::sqrt(v) * ibc2 + feps;
+          const float p = Pb[k] * fdecay;
+          Pb[k] = p - (m / den) * ss;
+          M[k] = m;
+          mmax = std::max(mmax, bits(m) & 0x7fffffffu);
+          V[k] = v * std::max(irn, icb[k]);  // quantized below (a float-only loop vectorizes)
+        }
+      } else if (mode == 2) {
         for (int64_t k = 0; k < len; ++k) {
           const float g = Gb[k];
           const float m = mo[k] * b1 + g * omb1;
@@ -398,6 +431,13 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       uint8_t* mcw = MC + e0 / 2;
       for (int64_t q = 0; q < nbytes; ++q) mcw[q] = cm[2 * q] | (cm[2 * q + 1] << 4);
       if (mode == 2) continue;
+      if (fast) {
+        for (int64_t k = 0; k < len; ++k) cv[k] = unsigned_code(V[k]);
+        if (len & 1) cv[len] = 0;
+        uint8_t* vcw = VC + e0 / 2;
+        for (int64_t q = 0; q < nbytes; ++q) vcw[q] = cv[2 * q] | (cv[2 * q + 1] << 4);
+        continue;
+      }
       // Requantize the second moment.
       if (mode == 1) {
         float vs;
