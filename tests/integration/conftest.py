@@ -16,11 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # `--set` arguments: the smoke config with less of the work that the reliability and
 # deployment tests do not look at (bootstrap resamples, vocabulary read-outs).
+# Fewer steps, pairs, items and alphas too; still three checkpoints (steps 0, 3, 6).
 FAST = [
     "--set", "plasticity.bootstrap=50", "--set", "vocab.layers=[0]",
     "--set", "vocab.objects=[ff_key]", "--set", "vocab.circuits=[ov]",
-    "--set", "vocab.circuit_heads=[0]",
+    "--set", "vocab.circuit_heads=[0]", "--set", "plasticity.alphas=[-1.0,0.0,1.0]",
+    "--set", "plasticity.n_items=16", "--set", "concept.max_pairs=32",
+    "--set", "concept.n_train=16", "--set", "train.max_steps=6",
+    "--set", "train.snapshot_steps=[0,3,6]",
 ]
+FAST_STEPS = (0, 3, 6)
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FAST, ROOT, stop_group
+from tests.integration.conftest import FAST, FAST_STEPS, ROOT, stop_group
 
 pytestmark = pytest.mark.integration
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -78,8 +78,8 @@ def test_deploy_run_the_smoke_deployment_and_read_its_artefacts(prefect_server, 
             assert len(runs) == 1 and runs[0].state.is_completed()
             tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id={"any_": [runs[0].id]}))}
-            for name in ("extract checkpoint step=0", "extract checkpoint step=10",
-                         "plasticity target step=5 <- sources 0,5,10", "vocab checkpoint step=10",
+            for name in ("extract checkpoint step=0", "extract checkpoint step=6",
+                         "plasticity target step=3 <- sources 0,3,6", "vocab checkpoint step=6",
                          "detection accuracy by layer"):
                 assert name in tasks, sorted(tasks)
             assert any(t.startswith("finetune tiny-gpt2") for t in tasks)
@@ -96,10 +96,10 @@ def test_deploy_run_the_smoke_deployment_and_read_its_artefacts(prefect_server, 
 
             train = _table(by_key[keys["train-metrics"]].data)
             manifest = json.loads((store / "runs" / run_id / "manifest.json").read_text())
-            assert [r["step"] for r in train] == list(range(1, 11))
+            assert [r["step"] for r in train] == list(range(1, FAST_STEPS[-1] + 1))
             detection = _table(by_key[keys["detection-by-layer"]].data)
             assert {r["layer"] for r in detection} == set(range(4))
-            assert all(0.0 <= r[f"step_{s}"] <= 1.0 for r in detection for s in (0, 5, 10))
+            assert all(0.0 <= r[f"step_{s}"] <= 1.0 for r in detection for s in FAST_STEPS)
             assert by_key[keys["plasticity-summary"]].type == "markdown"
             assert manifest["status"] == "done"
             assert not (store / "runs" / run_id / "lock.json").exists()

@@ -14,7 +14,7 @@ import pytest
 
 from plasticity.config import StorageConfig
 from plasticity.storage import Storage
-from tests.integration.conftest import FAST, ROOT, assert_whole_and_unique, run_cli
+from tests.integration.conftest import FAST, FAST_STEPS, ROOT, assert_whole_and_unique, run_cli
 
 pytestmark = pytest.mark.integration
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -106,7 +106,7 @@ def test_grid_spreads_over_nodes_and_survives_a_node_killed_mid_grid(cluster, tm
     # Extraction spread over two nodes (SPREAD), and the grid finished everywhere else.
     assert len({u["ray_node_id"] for u in stages["extract"].values()}) == 2
     plast = stages["plasticity"]
-    assert set(plast) == {"target=0", "target=5", "target=10"}
+    assert set(plast) == {f"target={s}" for s in FAST_STEPS}
     for s in killed["targets"]:
         if f"target={s}" not in killed["done_at_kill"]:
             assert plast[f"target={s}"]["ray_node_id"] != killed["node"]
