@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 TABLE_NAMES = (
     "train_metrics", "checkpoints", "activations", "directions", "plasticity", "vocab_topk",
-    "direction_similarity",
+    "direction_similarity", "plasticity_items", "plasticity_stats",
 )
 
 
@@ -30,10 +30,10 @@ def _check_tables(storage: Storage, run_id: str) -> dict[str, pa.Table]:
         assert set(table.column("run_id").to_pylist()) == {run_id}
     steps = sorted(tables["checkpoints"].column("step").to_pylist())
     assert steps == [0, 5, 10]
-    n_alphas, n_metrics = 5, 2
-    assert tables["plasticity"].num_rows == len(steps) ** 2 * n_alphas * n_metrics
+    n_alphas, n_metrics, n_nulls = 5, 2, 2
+    assert tables["plasticity"].num_rows == len(steps) * (len(steps) + n_nulls) * n_alphas * n_metrics
     # No duplicate keys anywhere that matters.
-    keys = [(r["source_step"], r["target_step"], r["alpha_rel"], r["metric"])
+    keys = [(r["source_step"], r["target_step"], r["null_seed"], r["alpha_rel"], r["metric"])
             for r in tables["plasticity"].to_pylist()]
     assert len(keys) == len(set(keys))
     keys = [(r["checkpoint_step"], r["layer"], r["example_id"]) for r in tables["activations"].select(
@@ -116,7 +116,7 @@ def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
     slope_rows = con.sql(
         f"SELECT source_step, target_step, count(*) AS n FROM read_parquet("
         f"'s3://{bucket}/lab/tables/plasticity/**/*.parquet', hive_partitioning = true) "
-        "GROUP BY ALL"
+        "WHERE direction = 'pca' GROUP BY ALL"
     ).fetchall()
     assert len(slope_rows) == 9 and {r[2] for r in slope_rows} == {10}
     assert storage.exists(storage.path("runs", run_id, "report", "plasticity_matrix.png"))
@@ -124,13 +124,20 @@ def test_smoke_run_on_s3_reads_back_with_pyarrow_and_duckdb(s3_server, bucket):
 
 def test_file_run_resumes_without_duplicates_and_refuses_a_changed_config(tmp_path):
     uri = f"file://{tmp_path}/p"
-    out = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1")
+    # Both modes: the grid, and the training-time intervention branches from steps 0 and 5.
+    modes = ("--set", "plasticity.modes=[matrix, training]")
+    out = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1", *modes)
     assert out.returncode == 0, out.stderr[-4000:]
     storage = Storage.from_config(StorageConfig(uri=uri))
     before = {n: t.num_rows for n, t in _check_tables(storage, "r1").items()}
+    inter = read_table(storage, "intervention", ["r1"]).to_pylist()
+    assert sorted({r["intervention_step"] for r in inter}) == [0, 5] and len(inter) == 2 * 2
+    stats = read_table(storage, "plasticity_stats", ["r1"]).to_pylist()
+    assert {"self", "training"} <= {r["scope"] for r in stats}
+    assert (tmp_path / "p/runs/r1/report/intervention.png").exists()
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "p" / "tables").rglob("*.parquet")}
 
-    again = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1")
+    again = run_cli("run", "--config", SMOKE, "--storage", uri, "--run-id", "r1", *modes)
     assert again.returncode == 0, again.stderr[-4000:]
     after = {n: t.num_rows for n, t in _check_tables(storage, "r1").items()}
     assert after == before
