@@ -101,17 +101,20 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             opts.pop(name, None)
             gc.collect()
     times: dict[str, list[float]] = {k: [] for k in opts}
+    cpu: dict[str, list[float]] = {k: [] for k in opts}  # process CPU time (all threads)
     order = list(opts)
     rng = random.Random(seed)
     for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             opts[name].step()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     base = statistics.median(times["torch AdamW fused (fp32 states)"])
+    base_cpu = statistics.median(cpu["torch AdamW fused (fp32 states)"])
     rows = []
     for name in opts:
         med = statistics.median(times[name])
@@ -119,7 +122,9 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             nbytes = optimizer_state_bytes(opts[name])
         except Exception:
             nbytes = float("nan")
+        med_cpu = statistics.median(cpu[name])
         rows.append({"optimizer": name, "median_s": med, "ratio": med / base,
+                     "median_cpu_s": med_cpu, "cpu_ratio": med_cpu / base_cpu,
                      "min_s": min(times[name]), "max_s": max(times[name]),
                      "state_bytes_per_param": nbytes / n_params})
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "n_params": n_params,
@@ -131,10 +136,13 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
 def print_table(res: dict) -> None:
     print(f"\n{res['n_params'] / 1e6:.1f}M params ({res['layers']} layers), {res['dtype']} on "
           f"{res['device_name']}, {res['threads']} threads, median of {res['repeats']} steps")
-    print(f"{'optimizer':<34} {'median step':>12} {'ratio':>7} {'min..max':>17} {'state B/param':>14}")
+    print(f"{'optimizer':<34} {'median step':>12} {'ratio':>7} {'min..max':>17} "
+          f"{'CPU time':>10} {'ratio':>6} {'state B/param':>14}")
     for r in res["rows"]:
         print(f"{r['optimizer']:<34} {r['median_s'] * 1e3:>9.1f} ms {r['ratio']:>7.2f} "
-              f"{r['min_s'] * 1e3:>7.0f}..{r['max_s'] * 1e3:<7.0f}ms {r['state_bytes_per_param']:>14.4f}")
+              f"{r['min_s'] * 1e3:>7.0f}..{r['max_s'] * 1e3:<7.0f}ms "
+              f"{r['median_cpu_s'] * 1e3:>7.0f} ms {r['cpu_ratio']:>6.2f} "
+              f"{r['state_bytes_per_param']:>14.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
