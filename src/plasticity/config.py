@@ -284,12 +284,17 @@ class PlasticityConfig:
         ),
     )
     metrics: list[
-        Literal["facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy"]
+        Literal[
+            "facts_logit_gap", "facts_accuracy", "facts_true_bias", "truthfulqa_mc1", "truthfulqa_mc2",
+            "pubmedqa_accuracy",
+        ]
     ] = field(
         default_factory=lambda: ["facts_logit_gap", "facts_accuracy"],
         metadata=_doc(
             "Behaviour scored per alpha; the first drives the report. facts_logit_gap: "
             "log p(' True') - log p(' False') signed by the label; facts_accuracy: its sign; "
+            "facts_true_bias: the same log-odds unsigned (how far the model leans to ' True', "
+            "which moves with steering even where discrimination does not); "
             "truthfulqa_mc1/mc2: TruthfulQA by answer log-likelihood; pubmedqa_accuracy: "
             "PubMedQA-L test yes/no questions by log p(' yes') vs log p(' no').",
             _non_empty,

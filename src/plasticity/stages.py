@@ -387,6 +387,7 @@ def score_metrics(
     from plasticity.steering.evaluate import (
         facts_accuracy,
         facts_logit_gap,
+        facts_signs,
         pubmedqa_accuracy,
         truthfulqa_mc,
     )
@@ -394,9 +395,10 @@ def score_metrics(
     out: dict[str, torch.Tensor] = {}
     if "pubmedqa_accuracy" in metrics:
         out["pubmedqa_accuracy"] = pubmedqa_accuracy(lm, list(pubmedqa), batch_size)
-    if {"facts_logit_gap", "facts_accuracy"} & set(metrics):
+    if {"facts_logit_gap", "facts_accuracy", "facts_true_bias"} & set(metrics):
         gap = facts_logit_gap(lm, facts, batch_size)
         out["facts_logit_gap"], out["facts_accuracy"] = gap, facts_accuracy(gap)
+        out["facts_true_bias"] = gap * facts_signs(facts)
     if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(metrics):
         out["truthfulqa_mc1"], out["truthfulqa_mc2"] = truthfulqa_mc(lm, questions, batch_size)
     return {m: out[m] for m in metrics}

@@ -83,7 +83,7 @@ def test_sweep_scores_equal_one_steered_evaluation_per_variant(tiny_gpt2):
     facts = load_statements("facts_true_false")[:6]
     questions = load_truthfulqa()[:3]
     pubmed = load_pubmedqa("test")[:3]
-    metrics = ["facts_logit_gap", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy"]
+    metrics = ["facts_logit_gap", "facts_true_bias", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy"]
     dirs = _directions(lm, [2], 2, seed=3)
     variants = [UNSTEERED, Variant(0, 4.0), Variant(1, -4.0)]
     with RowSteering(lm, dirs, {2: 1.0}, "add") as st:
@@ -97,6 +97,9 @@ def test_sweep_scores_equal_one_steered_evaluation_per_variant(tiny_gpt2):
         for m in metrics:
             torch.testing.assert_close(got[m][k], ref[m], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got["facts_logit_gap"][1], got["facts_logit_gap"][0])
+    # The bias is the unsigned log-odds: the gap with each false statement's sign undone.
+    signs = torch.tensor([1.0 if s.label == 1 else -1.0 for s in facts], dtype=torch.float64)
+    torch.testing.assert_close(got["facts_true_bias"], got["facts_logit_gap"] * signs)
 
 
 def test_row_steering_refuses_bad_shapes_and_missing_rows(tiny_gpt2):

@@ -26,7 +26,7 @@ from plasticity.steering.evaluate import (
 )
 from plasticity.steering.hooks import RowSteering
 
-METRICS = ("facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy")
+METRICS = ("facts_logit_gap", "facts_accuracy", "facts_true_bias", "truthfulqa_mc1", "truthfulqa_mc2", "pubmedqa_accuracy")
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,13 @@ def sweep_scores(
         return [x for x in xs for _ in range(n_var)]
 
     out: dict[str, torch.Tensor] = {}
-    if {"facts_logit_gap", "facts_accuracy"} & set(metrics):
+    if {"facts_logit_gap", "facts_accuracy", "facts_true_bias"} & set(metrics):
         facts = list(facts)
         odds = answer_log_odds(lm, repeat(facts_prompts(facts)), (" True", " False"), batch_size, on_batch)
-        gap = odds.view(len(facts), n_var).T * facts_signs(facts)[None]
+        odds = odds.view(len(facts), n_var).T
+        gap = odds * facts_signs(facts)[None]
         out["facts_logit_gap"], out["facts_accuracy"] = gap, (gap > 0).double()
+        out["facts_true_bias"] = odds
     if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(metrics):
         questions = list(questions)
         prompts, conts, owners = truthfulqa_pairs(questions)
