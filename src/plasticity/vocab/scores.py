@@ -80,19 +80,29 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else float("nan")
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of each column pair (V x n), average ranks for ties."""
-    def avg_ranks(s: torch.Tensor) -> torch.Tensor:
-        s = s.double()
-        sv, _ = torch.sort(s, dim=0)
-        st, sc = sv.t().contiguous(), s.t().contiguous()
-        lo = torch.searchsorted(st, sc, right=False).t() + 1
-        hi = torch.searchsorted(st, sc, right=True).t()
-        return (lo + hi).double() / 2
+def average_ranks(s: torch.Tensor) -> torch.Tensor:
+    """Ascending ranks (1 = lowest) of each column of `s` (V x n), ties sharing their mean.
 
-    rx, ry = avg_ranks(x), avg_ranks(y)
+    Returned as float32, which holds every rank and half-rank exactly up to 2**23 rows;
+    the ranks of a checkpoint's projections can then be computed once and reused for
+    every pair of checkpoints."""
+    sv, _ = torch.sort(s, dim=0)
+    st, sc = sv.t().contiguous(), s.t().contiguous()
+    lo = torch.searchsorted(st, sc, right=False).t() + 1
+    hi = torch.searchsorted(st, sc, right=True).t()
+    return ((lo + hi).float() / 2)
+
+
+def spearman_from_ranks(rx: torch.Tensor, ry: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each column pair of two rank matrices (V x n)."""
+    rx, ry = rx.double(), ry.double()
     rx, ry = rx - rx.mean(0), ry - ry.mean(0)
     return (rx * ry).sum(0) / (rx.norm(dim=0) * ry.norm(dim=0))
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each column pair (V x n), average ranks for ties."""
+    return spearman_from_ranks(average_ranks(x), average_ranks(y))
 
 
 def cosine_columns(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -40,11 +40,12 @@ from plasticity.vocab.project import project, topk_columns
 from plasticity.vocab.scores import (
     RankedScores,
     align_layers,
+    average_ranks,
     circuit_cosine,
     cosine_columns,
     jaccard,
     null_percentile,
-    spearman,
+    spearman_from_ranks,
 )
 from plasticity.vocab.topk import product_topk
 
@@ -414,20 +415,38 @@ def _load_checkpoint_vocab(cfg: RunConfig, storage: Storage, run_id: str, ref: C
     return out
 
 
-def _drift_rows(a: _Checkpoint, b: _Checkpoint, variants: list[str], k: int, rows: Rows) -> None:
+class _Projections:
+    """Each checkpoint's projections of all its vectors, their ranks and top/bottom-k
+    token ids, per variant: computed once, reused for every pair of checkpoints."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+
+    def get(self, c: _Checkpoint, variant: str) -> tuple[torch.Tensor, ...]:
+        key = (c.step, variant)
+        if key not in self._cache:
+            base_variant = "raw" if variant == "raw_in" else variant
+            s = project(c.e_in if variant == "raw_in" else c.e_out, c.vectors, base_variant, c.norm)
+            top, bot = torch.topk(s, self.k, dim=0).indices, torch.topk(-s, self.k, dim=0).indices
+            self._cache[key] = (s, average_ranks(s), top, bot)
+        return self._cache[key]
+
+
+def _drift_rows(
+    a: _Checkpoint, b: _Checkpoint, variants: list[str], k: int, rows: Rows,
+    projections: _Projections | None = None,
+) -> None:
     shared = [key for key in a.keys if key in b.keys]
     if not shared:
         return
-    xa = a.vectors[[a.keys[key] for key in shared]]
-    xb = b.vectors[[b.keys[key] for key in shared]]
+    projections = projections or _Projections(k)
+    ia = torch.tensor([a.keys[key] for key in shared])
+    ib = torch.tensor([b.keys[key] for key in shared])
     for variant in variants:
-        base_variant = "raw" if variant == "raw_in" else variant
-        sa = project(a.e_in if variant == "raw_in" else a.e_out, xa, base_variant, a.norm)
-        sb = project(b.e_in if variant == "raw_in" else b.e_out, xb, base_variant, b.norm)
-        ta, _, _, _ = topk_columns(sa, k)
-        top_a, bot_a = torch.topk(sa, k, dim=0).indices, torch.topk(-sa, k, dim=0).indices
-        top_b, bot_b = torch.topk(sb, k, dim=0).indices, torch.topk(-sb, k, dim=0).indices
-        rho, cos = spearman(sa, sb), cosine_columns(sa, sb)
+        sa, ra, top_a, bot_a = (t[:, ia] for t in projections.get(a, variant))
+        sb, rb, top_b, bot_b = (t[:, ib] for t in projections.get(b, variant))
+        rho, cos = spearman_from_ranks(ra, rb), cosine_columns(sa, sb)
         for j, (obj, layer, head, index) in enumerate(shared):
             rows.add(object=obj, variant=variant, layer=layer, head=head, index=index,
                      step_a=a.step, step_b=b.step, k=k,
@@ -506,9 +525,10 @@ def vocab_similarity_stage(cfg: RunConfig, run_id: str) -> StageResult:
         variants.append("raw_in")
     sim, align = Rows("vocab_similarity"), Rows("vocab_alignment")
     k = min(cfg.vocab.top_k, cks[0].e_out.shape[0])
+    projections = _Projections(k)
     for i, a in enumerate(cks):
         for b in cks[i + 1 :]:
-            _drift_rows(a, b, variants, k, sim)
+            _drift_rows(a, b, variants, k, sim, projections)
             _circuit_rows(a, b, circuits, sim)
             for obj in cfg.vocab.align_objects:
                 va = {int(n.split(".")[2]): t for n, t in a.tensors.items() if n.startswith(f"align.{obj}.")}
