@@ -127,16 +127,23 @@ def circuit_inner(
     return float(torch.trace((a1.t() @ cl @ a2) @ (b2.t() @ cr.t() @ b1)))
 
 
+def gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x^T y in float64 (d x d for V x d embeddings)."""
+    return x.double().t() @ y.double()
+
+
 def circuit_cosine(
     factors_1: tuple[torch.Tensor, torch.Tensor], factors_2: tuple[torch.Tensor, torch.Tensor],
     left_1: torch.Tensor, right_1: torch.Tensor, left_2: torch.Tensor, right_2: torch.Tensor,
+    gram_fn=gram,
 ) -> float:
     """Cosine between L1 M1 R1^T and L2 M2 R2^T (vocab x vocab), M_i = a_i b_i^T, via
-    d x d Gram matrices of the embeddings L_i, R_i (V x d)."""
-    l1, r1, l2, r2 = (t.double() for t in (left_1, right_1, left_2, right_2))
-    g_l11, g_r11 = l1.t() @ l1, r1.t() @ r1
-    g_l22, g_r22 = l2.t() @ l2, r2.t() @ r2
-    g_l12, g_r12 = l1.t() @ l2, r1.t() @ r2
+    d x d Gram matrices of the embeddings L_i, R_i (V x d). `gram_fn(x, y)` computes
+    x^T y; pass a caching one when many circuits share embeddings."""
+    l1, r1, l2, r2 = left_1, right_1, left_2, right_2
+    g_l11, g_r11 = gram_fn(l1, l1), gram_fn(r1, r1)
+    g_l22, g_r22 = gram_fn(l2, l2), gram_fn(r2, r2)
+    g_l12, g_r12 = gram_fn(l1, l2), gram_fn(r1, r2)
     (a1, b1), (a2, b2) = factors_1, factors_2
     n1 = circuit_inner(a1, b1, a1, b1, g_l11, g_r11)
     n2 = circuit_inner(a2, b2, a2, b2, g_l22, g_r22)

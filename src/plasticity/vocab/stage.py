@@ -43,6 +43,7 @@ from plasticity.vocab.scores import (
     average_ranks,
     circuit_cosine,
     cosine_columns,
+    gram,
     jaccard,
     null_percentile,
     spearman_from_ranks,
@@ -455,9 +456,23 @@ def _drift_rows(
                      spearman=float(rho[j]), vocab_cosine=float(cos[j]))
 
 
-def _circuit_rows(a: _Checkpoint, b: _Checkpoint, table, rows: Rows) -> None:
+class _Grams:
+    """x^T y of embedding matrices, computed once per pair of tensors within a stage."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = (id(x), id(y))
+        if key not in self._cache:
+            self._cache[key] = gram(x, y)
+        return self._cache[key]
+
+
+def _circuit_rows(a: _Checkpoint, b: _Checkpoint, table, rows: Rows, grams: _Grams | None = None) -> None:
     """Circuit drift: Jaccard of the top/bottom entry sets (from circuit_topk) and the
     cosine of the vocab x vocab matrices through d x d Grams (ov, qk)."""
+    grams = grams or _Grams()
     entries: dict[tuple, dict[int, set]] = {}
     k_of: dict[tuple, int] = {}
     if table is not None:
@@ -480,9 +495,9 @@ def _circuit_rows(a: _Checkpoint, b: _Checkpoint, table, rows: Rows) -> None:
             fa = (a.tensors[f"{left_key}.left"], a.tensors[f"{left_key}.right"])
             fb = (b.tensors[f"{left_key}.left"], b.tensors[f"{left_key}.right"])
             if circuit == "ov":
-                cos = circuit_cosine(fa, fb, a.e_in, a.e_out, b.e_in, b.e_out)
+                cos = circuit_cosine(fa, fb, a.e_in, a.e_out, b.e_in, b.e_out, grams)
             else:
-                cos = circuit_cosine(fa, fb, a.e_in, a.e_in, b.e_in, b.e_in)
+                cos = circuit_cosine(fa, fb, a.e_in, a.e_in, b.e_in, b.e_in, grams)
         rows.add(object=circuit, variant="raw", layer=layer, head=head, index=0,
                  step_a=a.step, step_b=b.step, k=k_of[(circuit, layer, head)],
                  jaccard_at_k=jac(ea[1], eb[1]), jaccard_bottom_at_k=jac(ea[-1], eb[-1]),
@@ -525,11 +540,11 @@ def vocab_similarity_stage(cfg: RunConfig, run_id: str) -> StageResult:
         variants.append("raw_in")
     sim, align = Rows("vocab_similarity"), Rows("vocab_alignment")
     k = min(cfg.vocab.top_k, cks[0].e_out.shape[0])
-    projections = _Projections(k)
+    projections, grams = _Projections(k), _Grams()
     for i, a in enumerate(cks):
         for b in cks[i + 1 :]:
             _drift_rows(a, b, variants, k, sim, projections)
-            _circuit_rows(a, b, circuits, sim)
+            _circuit_rows(a, b, circuits, sim, grams)
             for obj in cfg.vocab.align_objects:
                 va = {int(n.split(".")[2]): t for n, t in a.tensors.items() if n.startswith(f"align.{obj}.")}
                 vb = {int(n.split(".")[2]): t for n, t in b.tensors.items() if n.startswith(f"align.{obj}.")}
