@@ -450,9 +450,7 @@ def plasticity_stage(
     import numpy as np
 
     from plasticity.analysis.stats import bootstrap_mean_ci, item_slopes
-    from plasticity.data.concepts import load_statements
     from plasticity.steering.hooks import RowSteering
-    from plasticity.steering.prompts import contrast_pairs
     from plasticity.steering.sweep import UNSTEERED, Variant, sweep_scores
 
     storage = Storage.from_config(cfg.storage)
@@ -471,13 +469,7 @@ def plasticity_stage(
             )
         norms[layer] = float(target_vecs.tensors[key])
     files = _check_sources(storage, run_id, cfg, lm, sources, all_layers)
-    pairs = contrast_pairs(load_statements(c.dataset), lm.tokenizer, c, cfg.model)
-    train_statements = {pair.statement_index for pair in pairs[: c.n_train]}
-    items = dict(
-        facts=_eval_items(cfg, train_statements),
-        questions=_truthfulqa_items(cfg) if any(m.startswith("truthfulqa") for m in p.metrics) else [],
-        pubmedqa=_pubmedqa_items(cfg) if "pubmedqa_accuracy" in p.metrics else [],
-    )
+    items = _eval_sets(cfg, lm)
     baseline = {
         m: v[0] for m, v in sweep_scores(lm, p.metrics, [UNSTEERED], None, batch_size=p.batch_size, **items).items()
     }

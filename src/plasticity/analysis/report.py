@@ -117,6 +117,11 @@ def _cells(plas: list[dict]) -> dict[tuple[int, int], dict]:
     return out
 
 
+def beats_null(cell: dict, null_max: float) -> bool:
+    """A cell's slope CI excludes 0 and its slope is larger than every null slope."""
+    return (cell["slope_ci_low"] > 0 or cell["slope_ci_high"] < 0) and abs(cell["slope"]) > null_max
+
+
 def figure_matrix(cells, sources, targets, null_max, metric, concept) -> bytes:
     plt = _pyplot()
     m = np.full((len(sources), len(targets)), np.nan)
@@ -137,7 +142,7 @@ def figure_matrix(cells, sources, targets, null_max, metric, concept) -> bytes:
             c = cells.get((s, t))
             if c is None:
                 continue
-            beats = (c["slope_ci_low"] > 0 or c["slope_ci_high"] < 0) and abs(c["slope"]) > null_max.get(t, 0.0)
+            beats = beats_null(c, null_max.get(t, 0.0))
             ax.text(j, i, f"{c['slope']:.2g}{'*' if beats else ''}\n[{c['slope_ci_low']:.2g}, {c['slope_ci_high']:.2g}]",
                     ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8)
@@ -330,7 +335,7 @@ def build_report(storage: Storage, run_id: str, cfg: RunConfig, shards: dict[str
         rep.sources, rep.targets, rep.critical_windows = sources, targets, windows
         rep.matrix = [[cells[(s, t)]["slope"] if (s, t) in cells else float("nan") for t in targets] for s in sources]
         matrix_md = _matrix_markdown(cfg, metric, layers0, operator0, cells, sources, targets, null_slopes,
-                                     head_stats, windows)
+                                     null_max, head_stats, windows)
     directions = table("directions").select(["checkpoint_step", "layer", "method", "detection_accuracy"]).to_pylist()
     sim = _optional(table, "direction_similarity") or []
     figs["detection_by_layer"] = figure_detection(directions)
@@ -388,8 +393,8 @@ def _first_set(cfg: RunConfig, plas_all: list[dict]) -> str:
     return plas_all[0]["layers"]
 
 
-def _matrix_markdown(cfg, metric, layers, operator, cells, sources, targets, null_slopes, stats,
-                     windows) -> list[str]:
+def _matrix_markdown(cfg, metric, layers, operator, cells, sources, targets, null_slopes, null_max,
+                     stats, windows) -> list[str]:
     p = cfg.plasticity
     n = next(iter(cells.values()))["n"] if cells else 0
     lines = [
@@ -403,7 +408,6 @@ def _matrix_markdown(cfg, metric, layers, operator, cells, sources, targets, nul
         "| source \\ target | " + " | ".join(str(t) for t in targets) + " |",
         "|" + "---|" * (len(targets) + 1),
     ]
-    null_max = {t: max(abs(v) for v in vals) for t, vals in null_slopes.items()}
     for s in sources:
         cells_md = []
         for t in targets:
@@ -411,7 +415,7 @@ def _matrix_markdown(cfg, metric, layers, operator, cells, sources, targets, nul
             if c is None:
                 cells_md.append("")
                 continue
-            beats = (c["slope_ci_low"] > 0 or c["slope_ci_high"] < 0) and abs(c["slope"]) > null_max.get(t, 0.0)
+            beats = beats_null(c, null_max.get(t, 0.0))
             cells_md.append(f"{_fmt(c['slope'])}{'*' if beats else ''} [{_fmt(c['slope_ci_low'])}, {_fmt(c['slope_ci_high'])}]")
         lines.append(f"| {s} | " + " | ".join(cells_md) + " |")
     if null_slopes:
