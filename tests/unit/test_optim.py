@@ -221,18 +221,21 @@ def test_first_step_starts_from_exact_zeros():
     assert torch.equal(p.detach()[0, :5], p0[0, :5].float())
 
 
-def test_cpp_and_pytorch_paths_give_identical_bits():
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
     from plasticity.optim import _cpu
 
     assert _cpu.available(), "the C++ kernel did not build"
-    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000)]
+    # Rows that are multiples of 16 (the kernel's vector path), rows that are not, blocks
+    # that straddle rows, odd sizes and tensors of three or four dimensions.
+    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000), (24, 512), (3, 16, 64), (4096,)]
     for sm in ("rank1", "block", "factor"):
         runs = []
         for backend in ("cpp", "torch"):
             gen = torch.Generator().manual_seed(5)
             ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
             opt = AdamW4bit(ps, second_moment=sm, min_quantized_numel=64, backend=backend,
-                            block_size=64, **HP)
+                            block_size=block_size, **HP)
             for _ in range(4):
                 for p in ps:
                     p.grad = _grad(tuple(p.shape), gen)

@@ -105,6 +105,63 @@ inline void quantize_signed(const float* M, float inv, const float* mid, uint8_t
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define PLASTICITY_AVX512 1
+// 8 packed bytes -> the 16 codes they hold, in element order, in the low 4 bits of 32-bit
+// lanes (the bits above are not cleared: only use the result as a permute index, which
+// reads the low 4 bits).
+inline __m512i unpack16(const uint8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
+  return _mm512_srlv_epi32(twice, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+}
+
+// 16 codes (32-bit lanes, 0..15) -> 8 packed bytes (even element in the low nibble).
+inline void pack16(__m512i c, uint8_t* p) {
+  const __m128i b = _mm512_cvtepi32_epi8(c);
+  const __m128i w = _mm_maddubs_epi16(b, _mm_set1_epi16(0x1001));  // even * 1 + odd * 16
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+}
+
+// Nearest code of the zero-free linear map: clamp(ceil(16 x - 1/2) - 1, 0, 15).
+inline __m512i unsigned_codes16(__m512 x) {
+  const __m512 t = _mm512_sub_ps(_mm512_mul_ps(x, _mm512_set1_ps(16.0f)), _mm512_set1_ps(0.5f));
+  const __m512i c = _mm512_sub_epi32(
+      _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC), _mm512_set1_epi32(1));
+  return _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(15));
+}
+
+// Nearest code of the signed map: the number of the 15 decision boundaries below x, by a
+// binary search. mids[k] is boundary k (mids[15] = infinity); shifted tables tK[i] =
+// mids[i + K] save the index arithmetic of each probe.
+struct SignedTables {
+  __m512 t0, t1, t3, mid7;
+  explicit SignedTables(const float* mid) {
+    float padded[32];
+    for (int k = 0; k < 32; ++k) padded[k] = k < 15 ? mid[k] : INFINITY;
+    t0 = _mm512_loadu_ps(padded);
+    t1 = _mm512_loadu_ps(padded + 1);
+    t3 = _mm512_loadu_ps(padded + 3);
+    mid7 = _mm512_set1_ps(mid[7]);
+  }
+};
+
+inline __m512i signed_codes16(__m512 x, const SignedTables& t) {
+  __m512i idx = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, t.mid7, _CMP_GT_OQ),
+                                       _mm512_set1_epi32(8));                    // probe 7
+  __mmask16 gt = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(idx, t.t3), _CMP_GT_OQ);  // idx + 3
+  idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(4));
+  gt = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(idx, t.t1), _CMP_GT_OQ);             // idx + 1
+  idx = _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(2));
+  gt = _mm512_cmp_ps_mask(x, _mm512_permutexvar_ps(idx, t.t0), _CMP_GT_OQ);             // idx
+  return _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(1));
+}
+
+inline __m512 abs16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+}
+#endif
+
 // 1 / s, or 0 for s == 0 (then every value it scales is 0 too).
 inline float inv_or_zero(float s) { return s > 0.0f ? 1.0f / s : 0.0f; }
 
@@ -171,6 +228,68 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
   float* cm = col_max.data_ptr<float>();
   const float* vmap = kMaps.unsigned_map;
   uint32_t bad = 0;
+#ifdef PLASTICITY_AVX512
+  if ((cols & 15) == 0) {
+    // Vectorized: the scalar loop's operations 16 lanes at a time, over groups of kRows
+    // rows so that each column-maximum vector is loaded and stored once per group.
+    constexpr int64_t kRows = 4;
+    const int64_t groups = (rows + kRows - 1) / kRows;
+#pragma omp parallel reduction(| : bad)
+    {
+      std::vector<uint32_t> cmax(cols, 0u);
+      const __m512 vb2 = _mm512_set1_ps(b2), vomb2 = _mm512_set1_ps(omb2);
+      const __m512 umap = _mm512_loadu_ps(vmap);
+      __mmask16 badm = 0;
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < groups; ++q) {
+        const int64_t i0 = q * kRows;
+        const int64_t nr = std::min(kRows, rows - i0);
+        __m512 vri[kRows];
+        __m512i rmaxv[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          vri[r] = _mm512_set1_ps(fresh || r >= nr ? 0.0f : rs[i0 + r]);
+          rmaxv[r] = _mm512_setzero_si512();
+        }
+        for (int64_t j = 0; j < cols; j += 16) {
+          const __m512 csj = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(cs + j);
+          uint32_t* cmj = cmax.data() + j;
+          __m512i cmv = _mm512_loadu_si512(cmj);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t e = (i0 + r) * cols + j;
+            const __m512 gj = _mm512_loadu_ps(g + e);
+            __m512 vo = _mm512_setzero_ps();
+            if (!fresh) {
+              const __m512 code = _mm512_permutexvar_ps(unpack16(vc + e / 2), umap);
+              vo = _mm512_mul_ps(code, _mm512_min_ps(vri[r], csj));
+            }
+            const __m512 vn = _mm512_add_ps(_mm512_mul_ps(vo, vb2),
+                                            _mm512_mul_ps(_mm512_mul_ps(gj, gj), vomb2));
+            badm |= _mm512_fpclass_ps_mask(vn, 0x99);  // NaN or infinity
+            const __m512i u = _mm512_castps_si512(vn);
+            rmaxv[r] = _mm512_max_epu32(rmaxv[r], u);
+            cmv = _mm512_max_epu32(cmv, u);
+          }
+          _mm512_storeu_si512(cmj, cmv);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          const uint32_t rmax = _mm512_reduce_max_epu32(rmaxv[r]);
+          std::memcpy(rm + i0 + r, &rmax, sizeof(rmax));
+        }
+      }
+      bad |= static_cast<uint32_t>(badm != 0);
+#pragma omp critical
+      {
+        for (int64_t j = 0; j < cols; ++j) {
+          float c;
+          std::memcpy(&c, &cmax[j], sizeof(c));
+          cm[j] = std::max(cm[j], c);
+        }
+      }
+    }
+    auto finite = torch::full({1}, bad == 0 ? 1 : 0, torch::dtype(torch::kInt32));
+    return {row_max, col_max, finite};
+  }
+#endif
 #pragma omp parallel reduction(| : bad)
   {
     // Non-negative floats order like their bit patterns: integer maxima vectorize.
@@ -292,6 +411,9 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   {
     std::vector<uint8_t> cm(block), cv(block);
     std::vector<float> mo(block), vo(block), so(block), sn(block), M(block), V(block);
+#ifdef PLASTICITY_AVX512
+    const SignedTables stab(smid);
+#endif
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t e0 = b * block;
@@ -301,6 +423,73 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       const int64_t i0 = (mode == 1) ? 0 : e0 / cols, j0 = (mode == 1) ? 0 : e0 - i0 * cols;
       // Rank-1 block inside one row (the common case): one fused loop below.
       const bool fast = mode == 0 && j0 + len <= cols;
+#ifdef PLASTICITY_AVX512
+      if ((fast || mode == 1) && (len & 15) == 0) {
+        // The same operations as the scalar loops below, 16 lanes at a time, with the
+        // second moment's rank-1 codes written as soon as they are computed.
+        const __m512 vb1 = _mm512_set1_ps(b1), vomb1 = _mm512_set1_ps(omb1);
+        const __m512 vb2 = _mm512_set1_ps(b2), vomb2 = _mm512_set1_ps(omb2);
+        const __m512 vibc2 = _mm512_set1_ps(ibc2), veps = _mm512_set1_ps(feps);
+        const __m512 vss = _mm512_set1_ps(ss), vdecay = _mm512_set1_ps(fdecay);
+        const __m512 smapv = _mm512_loadu_ps(smap), umapv = _mm512_loadu_ps(kMaps.unsigned_map);
+        const __m512 vms = _mm512_set1_ps(fresh ? 0.0f : MS[b]);
+        const __m512 vro = _mm512_set1_ps(fresh || mode != 0 ? 0.0f : RO[i0]);
+        const __m512 virn = _mm512_set1_ps(mode == 0 ? IRN[i0] : 0.0f);
+        const __m512 vvs = _mm512_set1_ps(fresh || mode != 1 ? 0.0f : VS[b]);
+        const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+        const uint8_t* mcb = MC + e0 / 2;
+        uint8_t* vcb = VC + e0 / 2;
+        float* Pb = P + e0;
+        const float* Gb = G + e0;
+        __m512i mmaxv = _mm512_setzero_si512(), vmaxv = _mm512_setzero_si512();
+        for (int64_t k = 0; k < len; k += 16) {
+          const __m512 g = _mm512_loadu_ps(Gb + k);
+          __m512 mo = _mm512_setzero_ps(), vo = _mm512_setzero_ps();
+          if (!fresh) {
+            mo = _mm512_mul_ps(_mm512_permutexvar_ps(unpack16(mcb + k / 2), smapv), vms);
+            const __m512 code = _mm512_permutexvar_ps(unpack16(vcb + k / 2), umapv);
+            vo = _mm512_mul_ps(code, mode == 0 ? _mm512_min_ps(vro, _mm512_loadu_ps(CO + j0 + k)) : vvs);
+          }
+          const __m512 m = _mm512_add_ps(_mm512_mul_ps(mo, vb1), _mm512_mul_ps(g, vomb1));
+          const __m512 v = _mm512_add_ps(_mm512_mul_ps(vo, vb2),
+                                         _mm512_mul_ps(_mm512_mul_ps(g, g), vomb2));
+          const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), vibc2), veps);
+          const __m512 pd = _mm512_mul_ps(_mm512_loadu_ps(Pb + k), vdecay);
+          _mm512_storeu_ps(Pb + k, _mm512_sub_ps(pd, _mm512_mul_ps(_mm512_div_ps(m, den), vss)));
+          _mm512_storeu_ps(M.data() + k, m);
+          mmaxv = _mm512_max_epu32(mmaxv, _mm512_and_si512(_mm512_castps_si512(m), absmask));
+          if (mode == 0) {
+            const __m512 inv = _mm512_max_ps(virn, _mm512_loadu_ps(ICN + j0 + k));
+            pack16(unsigned_codes16(_mm512_mul_ps(v, inv)), vcb + k / 2);
+          } else {
+            _mm512_storeu_ps(V.data() + k, v);
+            vmaxv = _mm512_max_epu32(vmaxv, _mm512_castps_si512(v));
+          }
+        }
+        const uint32_t mbits = _mm512_reduce_max_epu32(mmaxv);
+        float mscale;
+        std::memcpy(&mscale, &mbits, sizeof(mscale));
+        mscale = std::max(mscale, 1e-12f);
+        MS[b] = mscale;
+        const __m512 vinv = _mm512_set1_ps(1.0f / mscale);
+        uint8_t* mcw = MC + e0 / 2;
+        for (int64_t k = 0; k < len; k += 16) {
+          pack16(signed_codes16(_mm512_mul_ps(_mm512_loadu_ps(M.data() + k), vinv), stab),
+                 mcw + k / 2);
+        }
+        if (mode == 1) {
+          const uint32_t vbits = _mm512_reduce_max_epu32(vmaxv);
+          float vs;
+          std::memcpy(&vs, &vbits, sizeof(vs));
+          VS[b] = vs;
+          const __m512 ivs = _mm512_set1_ps(inv_or_zero(vs));
+          for (int64_t k = 0; k < len; k += 16) {
+            pack16(unsigned_codes16(_mm512_mul_ps(_mm512_loadu_ps(V.data() + k), ivs)), vcb + k / 2);
+          }
+        }
+        continue;
+      }
+#endif
       // Scales of the second moment for this block (modes 0 and 2).
       if ((mode == 0 && !fast) || mode == 2) {
         if (j0 + len <= cols) {  // the block lies inside one row
