@@ -227,8 +227,9 @@ def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
 
     assert _cpu.available(), "the C++ kernel did not build"
     # Rows that are multiples of 16 (the kernel's vector path), rows that are not, blocks
-    # that straddle rows, odd sizes and tensors of three or four dimensions.
-    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000), (24, 512), (3, 16, 64), (4096,)]
+    # that straddle rows, odd sizes, tensors of three or four dimensions and tensors small
+    # enough to keep fp32 moments.
+    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000), (24, 512), (3, 16, 64), (4096,), (5, 7), (33,)]
     for sm in ("rank1", "block", "factor"):
         runs = []
         for backend in ("cpp", "torch"):

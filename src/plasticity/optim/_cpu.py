@@ -31,7 +31,7 @@ CFLAGS = [
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fopenmp",
-]
+] + [f for f in __import__("os").environ.get("PLASTICITY_KERNEL_FLAGS", "").split() if f]
 LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()

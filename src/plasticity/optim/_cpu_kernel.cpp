@@ -157,6 +157,8 @@ inline __m512i signed_codes16(__m512 x, const SignedTables& t) {
   return _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(1));
 }
 
+constexpr int64_t kPrefetch = 2048;  // elements
+
 inline __m512 abs16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
 }
@@ -256,6 +258,10 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
           __m512i cmv = _mm512_loadu_si512(cmj);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t e = (i0 + r) * cols + j;
+            _mm_prefetch(reinterpret_cast<const char*>(g + e + kPrefetch), _MM_HINT_T0);
+            if ((j & 127) == 0) {
+              _mm_prefetch(reinterpret_cast<const char*>(vc + (e + kPrefetch) / 2), _MM_HINT_T0);
+            }
             const __m512 gj = _mm512_loadu_ps(g + e);
             __m512 vo = _mm512_setzero_ps();
             if (!fresh) {
@@ -442,6 +448,21 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
         float* Pb = P + e0;
         const float* Gb = G + e0;
         __m512i mmaxv = _mm512_setzero_si512(), vmaxv = _mm512_setzero_si512();
+        {
+          // The hardware prefetchers fall behind on this many streams: ask for the
+          // parameter, gradient and codes kPrefetch elements ahead (8 KB of fp32).
+          const int64_t ahead = e0 + kPrefetch;
+          if (ahead + block <= n) {
+            for (int64_t k = 0; k < block; k += 16) {
+              _mm_prefetch(reinterpret_cast<const char*>(P + ahead + k), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(G + ahead + k), _MM_HINT_T0);
+            }
+            for (int64_t k = 0; k < block / 2; k += 64) {
+              _mm_prefetch(reinterpret_cast<const char*>(MC + ahead / 2 + k), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(VC + ahead / 2 + k), _MM_HINT_T0);
+            }
+          }
+        }
         for (int64_t k = 0; k < len; k += 16) {
           const __m512 g = _mm512_loadu_ps(Gb + k);
           __m512 mo = _mm512_setzero_ps(), vo = _mm512_setzero_ps();
@@ -646,7 +667,43 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   }
 }
 
+// One AdamW step with fp32 moments (tensors too small to quantize), the same operations
+// as AdamW4bit._update_fp32 in the same order.
+void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
+               torch::Tensor exp_avg_sq, double decay, double beta1, double beta2,
+               double inv_bc2_sqrt, double eps, double step_size) {
+  check_f32(param, "param");
+  check_f32(grad, "grad");
+  check_f32(exp_avg, "exp_avg");
+  check_f32(exp_avg_sq, "exp_avg_sq");
+  const int64_t n = param.numel();
+  TORCH_CHECK(grad.numel() == n && exp_avg.numel() == n && exp_avg_sq.numel() == n,
+              "fp32_step: sizes differ");
+  const float fdecay = static_cast<float>(decay);
+  const float b1 = static_cast<float>(beta1), omb1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2), omb2 = static_cast<float>(1.0 - beta2);
+  const float ibc2 = static_cast<float>(inv_bc2_sqrt);
+  const float feps = static_cast<float>(eps);
+  const float ss = static_cast<float>(step_size);
+  float* P = param.data_ptr<float>();
+  const float* G = grad.data_ptr<float>();
+  float* M = exp_avg.data_ptr<float>();
+  float* V = exp_avg_sq.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (n > (1 << 18))
+  for (int64_t e = 0; e < n; ++e) {
+    const float g = G[e];
+    const float m = M[e] * b1 + g * omb1;
+    const float v = V[e] * b2 + (g * g) * omb2;
+    const float den = std::sqrt(v) * ibc2 + feps;
+    const float p = P[e] * fdecay;
+    P[e] = p - (m / den) * ss;
+    M[e] = m;
+    V[e] = v;
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fp32_step", &fp32_step, "one AdamW step with fp32 moments");
   m.def("all_finite", &all_finite, "whether every element of a float32 tensor is finite");
   m.def("rank1_stats", &rank1_stats, "row/column maxima of the new second moment");
   m.def("fused_step", &fused_step, "one fused 4-bit AdamW step for one tensor");

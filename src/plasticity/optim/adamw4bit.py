@@ -364,7 +364,13 @@ class AdamW4bit(torch.optim.Optimizer):
             decay=1.0 - lr * wd, beta1=b1, beta2=b2,
             inv_bc2_sqrt=1.0 / math.sqrt(1.0 - b2**t), eps=eps, step_size=lr / (1.0 - b1**t),
         )
-        if kind == "fp32":
+        if kind == "fp32" and backend == "cpp" and g.dtype == torch.float32:
+            from plasticity.optim import _cpu
+
+            _cpu.load().fp32_step(p.data, g.contiguous(), st["exp_avg"], st["exp_avg_sq"],
+                                  sc["decay"], sc["beta1"], sc["beta2"], sc["inv_bc2_sqrt"],
+                                  sc["eps"], sc["step_size"])
+        elif kind == "fp32":
             self._update_fp32(p, g, st, sc)
         elif backend == "torch":
             self._update_quantized_torch(p, g, st, kind, plan, sc, block)
