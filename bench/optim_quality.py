@@ -7,7 +7,7 @@ ablation: the second moment quantized block-wise with a 4-bit map that includes 
 (linear, i / 15), where small second moments round to 0 and their updates blow up, against
 the zero-free map.
 
-    python -m bench.optim_quality                       # pubmed, 60 steps of 4 x 64 tokens
+    python -m bench.optim_quality                       # pubmed, 40 steps of 4 x 64 tokens
     python -m bench.optim_quality --corpus e2e --steps 100 --lr 3e-4
 """
 
@@ -55,7 +55,7 @@ def heldout_loss(model, blocks: torch.Tensor, batch: int = 8) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="pubmed", choices=["pubmed", "e2e"])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -94,8 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         records = []
         t0 = time.perf_counter()
         status = "ok"
+        def on_record(r, records=records, variant=variant):
+            records.append(r)
+            if r.step % 10 == 0:
+                print(f"    {variant}: step {r.step}/{args.steps}, loss {r.loss:.4f}, "
+                      f"{r.step_time_s:.1f} s/step", flush=True)
+
         try:
-            finetune(lm.model, train_blocks, cfg, opt, records.append, lambda s: None)
+            finetune(lm.model, train_blocks, cfg, opt, on_record, lambda s: None)
         except FloatingPointError as exc:
             status = f"stopped: {str(exc)[:80]}"
         wall = time.perf_counter() - t0

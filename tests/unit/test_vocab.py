@@ -361,3 +361,24 @@ def test_parameter_alignment_recovers_a_permutation():
     for i, j in order.items():
         assert al.score[i, j] > 0.99
     assert math.isfinite(float(al.score.min()))
+
+
+def test_balanced_factors_keep_the_product_on_both_factorizations():
+    """Well-conditioned factors take the Cholesky route, rank-deficient ones Householder
+    QR; both give factors of the same product."""
+    from plasticity.vocab.topk import _triangular_factor
+
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(300, 12, generator=g), torch.randn(200, 12, generator=g)
+    assert _triangular_factor(a.double()) is not None
+    deficient = torch.cat([a[:, :6], a[:, :6]], 1)  # rank 6 of 12 columns
+    assert _triangular_factor(deficient.double()) is None
+    for x in (a, deficient):
+        want = x.double() @ b.double().t()
+        bal_a, bal_b = balanced_factors(x, b)
+        torch.testing.assert_close(bal_a.double() @ bal_b.double().t(), want, rtol=0, atol=1e-4)
+        # Columns of the balanced factors are orthogonal with equal weight on both sides.
+        ga, gb = bal_a.double().t() @ bal_a.double(), bal_b.double().t() @ bal_b.double()
+        torch.testing.assert_close(ga, torch.diag(ga.diagonal()), rtol=0, atol=1e-3 * float(ga.max()))
+        torch.testing.assert_close(ga.diagonal(), gb.diagonal(), rtol=1e-3, atol=0)
+    assert balanced_factors(deficient, b)[0].shape[1] == 6

@@ -18,6 +18,11 @@ largest and smallest entries are found by streaming blocks of the product:
    entries above the threshold kept;
 4. the kept candidates are rescored in float64 and the top k taken.
 
+Row blocks are searched by several threads at once (each running single-threaded
+products, which scale better here than torch's intra-op threads), sharing the running
+thresholds. The factors are first rebalanced (`balanced_factors`) through the Cholesky
+factor of their small Gram matrices, or Householder QR where those are ill-conditioned.
+
 Every skip uses a rigorous upper bound, so the result equals the brute-force top-k of
 the product computed in float64 from the float32 factors (up to ties at the k-th value).
 """
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -138,20 +145,47 @@ def _take(
     pool.add(flat[idx], rows, idx % width + c0)
 
 
+def _triangular_factor(x: torch.Tensor) -> torch.Tensor | None:
+    """Upper-triangular R with x = Q R (Q's columns orthonormal), from the Cholesky factor
+    of the small Gram matrix x^T x (float64): a tall-skinny QR without forming Q. None when
+    the Gram matrix is singular or too ill-conditioned for it."""
+    chol, info = torch.linalg.cholesky_ex(x.t() @ x)
+    if int(info) != 0:
+        return None
+    diag = chol.diagonal()
+    if float(diag.min()) <= 1e-6 * float(diag.max()):  # cond(x) beyond ~1e6: use Householder
+        return None
+    return chol.t()
+
+
+def _times_core(x: torch.Tensor, core: torch.Tensor, r: torch.Tensor | None,
+                q: torch.Tensor | None) -> torch.Tensor:
+    """Q @ core, as x @ (R^-1 core) when only R is known."""
+    if q is not None:
+        return q @ core
+    return x @ torch.linalg.solve_triangular(r, core, upper=True)
+
+
 def balanced_factors(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (a', b') of the same product, a' b'^T = a b^T, with orthogonal columns of
     equal weight on both sides (a' = Q_a U S^1/2, b' = Q_b V S^1/2 from the QR of each
     factor and the SVD of the small core R_a R_b^T), computed in float64; directions
     with singular value below `rtol` times the largest are dropped (exact-rank
     reduction), and the result is cast to float32."""
-    qa, ra = torch.linalg.qr(a.detach().double())
-    qb, rb = torch.linalg.qr(b.detach().double())
+    a64, b64 = a.detach().double(), b.detach().double()
+    ra, rb = _triangular_factor(a64), _triangular_factor(b64)
+    qa = qb = None
+    if ra is None:
+        qa, ra = torch.linalg.qr(a64)
+    if rb is None:
+        qb, rb = torch.linalg.qr(b64)
     u, s, vh = torch.linalg.svd(ra @ rb.t(), full_matrices=False)
     keep = s > rtol * s[0] if s.numel() and s[0] > 0 else s > 0
     if not bool(keep.any()):
         keep[0] = True
     root = s[keep].sqrt()
-    return (qa @ u[:, keep] * root).float(), (qb @ vh[keep].t() * root).float()
+    return (_times_core(a64, u[:, keep] * root, ra, qa).float(),
+            _times_core(b64, vh[keep].t() * root, rb, qb).float())
 
 
 def product_topk(
@@ -160,15 +194,18 @@ def product_topk(
     k: int,
     *,
     screen: str = "bfloat16",
-    row_block: int = 256,
-    col_block: int = 4096,
+    row_block: int = 512,
+    col_block: int = 2048,
     balance: bool = True,
+    workers: int | None = None,
 ) -> ProductTopK:
     """Exact k largest and k smallest entries of ``a @ b.T`` (a: n x r, b: m x r).
 
     `screen`: "bfloat16" (screen blocks with a bf16 product and a rigorous error bound,
     then recompute survivors in float32) or "float32" (compute every unpruned block in
-    float32). Returns float64 values and the (row, col) of each entry.
+    float32). `workers`: threads that search row blocks in parallel (default: torch's
+    intra-op thread count, at most 4; torch runs single-threaded meanwhile and its thread
+    count is restored afterwards). Returns float64 values and the (row, col) of each entry.
     """
     _check(a, b, k)
     a_in, b_in = a.detach().float(), b.detach().float()
@@ -206,55 +243,84 @@ def product_topk(
         da_blk, nah_blk = _bmax(da, row_starts, row_block), _bmax(nah, row_starts, row_block)
         db_blk, nbh_blk = _bmax(db, col_starts, col_block), _bmax(nbh, col_starts, col_block)
     grow = 1.0 + 1e-9  # the float64 norm products themselves round
+    na_at, nb_at = na_s.tolist(), nb_s.tolist()  # Python floats: no tensor indexing per block
     res = ProductTopK(*(torch.empty(0) for _ in range(6)))
     res.blocks_total = len(row_starts) * len(col_starts)
-    for bi, r0 in enumerate(row_starts):
-        r1 = min(r0 + row_block, n)
-        amax = float(na_s[r0]) * grow
-        if amax * float(nb_s[0]) < min(pos.cutoff, neg.cutoff):
-            break  # later rows have smaller norms: nothing left can enter either top k
-        for bj, c0 in enumerate(col_starts):
-            c1 = min(c0 + col_block, m)
-            bound = amax * float(nb_s[c0])
-            need_pos, need_neg = bound >= pos.cutoff, bound >= neg.cutoff
-            if not (need_pos or need_neg):
-                break  # later columns have smaller norms
-            sel = None  # rows of the block to compute exactly (None: all)
-            if use_bf16 and pos.t > -math.inf and neg.t > -math.inf:
-                res.blocks_screened += 1
-                q = torch.mm(a_h[r0:r1], b_h[c0:c1].t())
-                lo, hi = torch.aminmax(q)
-                c16 = 2 * _U16 + 2 * (r + 2) * _U32
-                err = (
-                    da_blk[bi] * float(nb_s[c0]) + nah_blk[bi] * db_blk[bj]
-                    + c16 * nah_blk[bi] * nbh_blk[bj]
-                ) * grow
-                need_pos = need_pos and float(hi) + err >= pos.cutoff
-                need_neg = need_neg and -float(lo) + err >= neg.cutoff
+    lock = threading.Lock()
+
+    def search(block_ids: list[int]) -> tuple[int, int]:
+        screened = exact = 0
+        for bi in block_ids:
+            r0 = row_starts[bi]
+            r1 = min(r0 + row_block, n)
+            amax = na_at[r0] * grow
+            if amax * nb_at[0] < min(pos.cutoff, neg.cutoff):
+                break  # later rows have smaller norms: nothing left can enter either top k
+            for bj, c0 in enumerate(col_starts):
+                c1 = min(c0 + col_block, m)
+                bound = amax * nb_at[c0]
+                need_pos, need_neg = bound >= pos.cutoff, bound >= neg.cutoff
                 if not (need_pos or need_neg):
-                    continue
-                # Narrow to the rows whose own screened extreme plus error can reach.
-                row_err = (
-                    da[r0:r1] * float(nb_s[c0]) + nah[r0:r1] * db_blk[bj]
-                    + c16 * nah[r0:r1] * nbh_blk[bj]
-                ) * grow
-                hit = torch.zeros(r1 - r0, dtype=torch.bool)
-                if need_pos:
-                    hit |= q.amax(1).double() + row_err >= pos.cutoff
-                if need_neg:
-                    hit |= -q.amin(1).double() + row_err >= neg.cutoff
-                sel = hit.nonzero().squeeze(1)
-            res.blocks_exact += 1
-            if sel is None:
-                p = torch.mm(a_s[r0:r1], b_s[c0:c1].t())
-                rows_map = None
-            else:
-                p = torch.mm(a_s[r0 + sel], b_s[c0:c1].t())
-                rows_map = sel + r0
-            if need_pos:
-                _take(pos, p, r0, c0, 1, rows_map)
-            if need_neg:
-                _take(neg, p, r0, c0, -1, rows_map)
+                    break  # later columns have smaller norms
+                sel = None  # rows of the block to compute exactly (None: all)
+                if use_bf16 and pos.t > -math.inf and neg.t > -math.inf:
+                    screened += 1
+                    q = torch.mm(a_h[r0:r1], b_h[c0:c1].t())
+                    lo, hi = torch.aminmax(q)
+                    c16 = 2 * _U16 + 2 * (r + 2) * _U32
+                    err = (
+                        da_blk[bi] * nb_at[c0] + nah_blk[bi] * db_blk[bj]
+                        + c16 * nah_blk[bi] * nbh_blk[bj]
+                    ) * grow
+                    need_pos = need_pos and float(hi) + err >= pos.cutoff
+                    need_neg = need_neg and -float(lo) + err >= neg.cutoff
+                    if not (need_pos or need_neg):
+                        continue
+                    # Narrow to the rows whose own screened extreme plus error can reach.
+                    row_err = (
+                        da[r0:r1] * nb_at[c0] + nah[r0:r1] * db_blk[bj]
+                        + c16 * nah[r0:r1] * nbh_blk[bj]
+                    ) * grow
+                    hit = torch.zeros(r1 - r0, dtype=torch.bool)
+                    if need_pos:
+                        hit |= q.amax(1).double() + row_err >= pos.cutoff
+                    if need_neg:
+                        hit |= -q.amin(1).double() + row_err >= neg.cutoff
+                    sel = hit.nonzero().squeeze(1)
+                exact += 1
+                if sel is None:
+                    p = torch.mm(a_s[r0:r1], b_s[c0:c1].t())
+                    rows_map = None
+                else:
+                    p = torch.mm(a_s[r0 + sel], b_s[c0:c1].t())
+                    rows_map = sel + r0
+                with lock:
+                    if need_pos:
+                        _take(pos, p, r0, c0, 1, rows_map)
+                    if need_neg:
+                        _take(neg, p, r0, c0, -1, rows_map)
+        return screened, exact
+
+    # Row blocks are dealt round-robin to `workers` threads, each running single-threaded
+    # products (small bf16 products scale better this way than with intra-op threads);
+    # the pools and their thresholds are shared, so pruning is as tight as in one thread.
+    if workers is None:
+        workers = min(torch.get_num_threads(), 4) if a32.device.type == "cpu" else 1
+    workers = max(1, min(int(workers), len(row_starts)))
+    if workers == 1:
+        counts = [search(list(range(len(row_starts))))]
+    else:
+        intra = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool_ex:
+                futures = [pool_ex.submit(search, list(range(w, len(row_starts), workers)))
+                           for w in range(workers)]
+                counts = [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(intra)
+    res.blocks_screened = sum(c[0] for c in counts)
+    res.blocks_exact = sum(c[1] for c in counts)
     out = []
     for sign, pool in ((1, pos), (-1, neg)):
         rows, cols = ra[pool.rows], cb[pool.cols]
