@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from plasticity.optim import AdamW4bit, optimizer_state_bytes
 SIGNED = np.array([-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
                    0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0])
 UNSIGNED = (np.arange(16) + 1) / 16.0
+ROOT = Path(__file__).resolve().parents[2]
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 SHAPES = [(300, 257), (64, 96), (6, 7, 130), (5001,), (3, 4, 5, 67), (40, 50)]
 
@@ -248,6 +253,23 @@ def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
             for key, value in oa.state[a].items():
                 other = ob.state[b][key]
                 assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (sm, key)
+
+
+def test_the_portable_kernel_loops_give_the_same_bits_too():
+    """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
+    AVX-512 run) also equals the PyTorch path bit for bit. Built in a subprocess, since
+    the compiler flags are read at import."""
+    script = (
+        "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
+        "from plasticity.optim import _cpu; "
+        "assert '-mno-avx512f' in _cpu.CFLAGS; "
+        "t.test_cpp_and_pytorch_paths_give_identical_bits(128); "
+        "t.test_cpp_and_pytorch_paths_give_identical_bits(64); print('ok')"
+    )
+    env = dict(os.environ, PLASTICITY_KERNEL_FLAGS="-mno-avx512f")
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_the_kernel_builds_into_plasticity_cache(monkeypatch, tmp_path):

@@ -5,7 +5,8 @@ The extension is compiled by `torch.utils.cpp_extension` into
 the source, the flags, the torch version and the CPU's instruction-set flags, so a cache
 shared by different machines never loads a kernel built for another CPU. When no compiler
 is available the optimizer falls back to its pure-PyTorch path (identical results, slower)
-and logs a warning once.
+and logs a warning once. `PLASTICITY_KERNEL_FLAGS` adds compiler flags (space-separated),
+e.g. `-mno-avx512f` to build the portable loops only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CFLAGS = [
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fopenmp",
-] + [f for f in __import__("os").environ.get("PLASTICITY_KERNEL_FLAGS", "").split() if f]
+] + os.environ.get("PLASTICITY_KERNEL_FLAGS", "").split()
 LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()

@@ -4,6 +4,10 @@
 // without fast-math and with -ffp-contract=off: every operation rounds exactly as the
 // pure-PyTorch path in plasticity.optim.adamw4bit does, so both give identical bits.
 //
+// Where the compiler targets AVX-512 (F, BW, DQ, VL), both passes run 16 lanes at a time
+// for tensors whose rows (rank-1) or blocks (block-wise) are multiples of 16 elements; the
+// scalar loops handle every other case. Both give the same bits.
+//
 // Codes: two 4-bit codes per byte, element 2k in the low nibble of byte k, element
 // 2k+1 in the high nibble. Second-moment modes: 0 = rank-1 (scale of (i, j) is
 // min(row_scale[i], col_scale[j]) over a (rows x cols) view), 1 = block-wise (absmax of
