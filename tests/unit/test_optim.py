@@ -423,7 +423,7 @@ def test_bad_group_values_complex_params_and_sparse_grads():
         AdamW4bit(emb.parameters()).step()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("-nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("second_moment", ["rank1", "block", "factor"])
 def test_a_non_finite_gradient_changes_nothing(bad, second_moment, caplog):
     model, opt, _, _, _ = _trained(second_moment)

@@ -65,6 +65,19 @@ def test_product_topk_equals_brute_force(screen, dist):
     assert res.blocks_exact < res.blocks_total or dist == "gaussian"
 
 
+def test_product_topk_in_parallel_threads_equals_brute_force():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(900, 20, generator=g) * torch.exp(0.5 * torch.randn(900, 1, generator=g))
+    b = torch.randn(800, 20, generator=g)
+    want = _brute(a, b, 25)
+    threads = torch.get_num_threads()
+    for workers in (1, 3):
+        res = product_topk(a, b, 25, row_block=32, col_block=128, workers=workers)
+        _assert_matches(res, want, 25)
+        assert res.blocks_exact <= res.blocks_total
+        assert torch.get_num_threads() == threads  # torch's thread count is restored
+
+
 def test_product_topk_prunes_norm_heterogeneous_factors():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(3000, 16, generator=g) * torch.exp(1.5 * torch.randn(3000, 1, generator=g))

@@ -245,7 +245,6 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
       std::vector<uint32_t> cmax(cols, 0u);
       const __m512 vb2 = _mm512_set1_ps(b2), vomb2 = _mm512_set1_ps(omb2);
       const __m512 umap = _mm512_loadu_ps(vmap);
-      __mmask16 badm = 0;
 #pragma omp for schedule(static)
       for (int64_t q = 0; q < groups; ++q) {
         const int64_t i0 = q * kRows;
@@ -274,7 +273,6 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
             }
             const __m512 vn = _mm512_add_ps(_mm512_mul_ps(vo, vb2),
                                             _mm512_mul_ps(_mm512_mul_ps(gj, gj), vomb2));
-            badm |= _mm512_fpclass_ps_mask(vn, 0x99);  // NaN or infinity
             const __m512i u = _mm512_castps_si512(vn);
             rmaxv[r] = _mm512_max_epu32(rmaxv[r], u);
             cmv = _mm512_max_epu32(cmv, u);
@@ -283,10 +281,12 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
         }
         for (int64_t r = 0; r < nr; ++r) {
           const uint32_t rmax = _mm512_reduce_max_epu32(rmaxv[r]);
+          // The new second moment is >= +0 or NaN (either sign) or +inf: as unsigned bit
+          // patterns, NaN and +inf are exactly those >= +inf's, so the row's maximum tells.
+          bad |= static_cast<uint32_t>(rmax >= 0x7f800000u);
           std::memcpy(rm + i0 + r, &rmax, sizeof(rmax));
         }
       }
-      bad |= static_cast<uint32_t>(badm != 0);
 #pragma omp critical
       {
         for (int64_t j = 0; j < cols; ++j) {
