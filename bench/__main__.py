@@ -7,5 +7,5 @@ if __name__ == "__main__":
     sweep.main()
     vocab_circuits.main([])
     # AdamW4bit vs fused fp32 AdamW step (the fine-tuning quality bench, bench.optim_quality,
-    # takes tens of minutes and runs on its own).
+    # takes about a quarter of an hour and runs on its own).
     optim.main([])
