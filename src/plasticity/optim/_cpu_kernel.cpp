@@ -195,6 +195,15 @@ void check_u8(const torch::Tensor& t, const char* name) {
               name, " must be a contiguous uint8 CPU tensor");
 }
 
+// Fold one thread's column maxima (float bit patterns) into the result.
+inline void merge_col_max(float* cm, const std::vector<uint32_t>& cmax) {
+  for (size_t j = 0; j < cmax.size(); ++j) {
+    float c;
+    std::memcpy(&c, &cmax[j], sizeof(c));
+    cm[j] = std::max(cm[j], c);
+  }
+}
+
 }  // namespace
 
 // True when every element of `t` is finite.
@@ -288,13 +297,7 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
         }
       }
 #pragma omp critical
-      {
-        for (int64_t j = 0; j < cols; ++j) {
-          float c;
-          std::memcpy(&c, &cmax[j], sizeof(c));
-          cm[j] = std::max(cm[j], c);
-        }
-      }
+      merge_col_max(cm, cmax);
     }
     auto finite = torch::full({1}, bad == 0 ? 1 : 0, torch::dtype(torch::kInt32));
     return {row_max, col_max, finite};
@@ -349,13 +352,7 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
       rm[i] = r;
     }
 #pragma omp critical
-    {
-      for (int64_t j = 0; j < cols; ++j) {
-        float c;
-        std::memcpy(&c, &cmax[j], sizeof(c));
-        cm[j] = std::max(cm[j], c);
-      }
-    }
+    merge_col_max(cm, cmax);
   }
   auto finite = torch::full({1}, bad == 0 ? 1 : 0, torch::dtype(torch::kInt32));
   return {row_max, col_max, finite};
