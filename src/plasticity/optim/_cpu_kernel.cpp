@@ -195,6 +195,18 @@ void check_u8(const torch::Tensor& t, const char* name) {
               name, " must be a contiguous uint8 CPU tensor");
 }
 
+// A step's scalars in float32, rounded once from the doubles the caller passes (as the
+// PyTorch path's scalar operands are).
+struct StepConstants {
+  float decay, b1, omb1, b2, omb2, ibc2, eps, ss;
+  StepConstants(double decay_, double beta1, double beta2, double inv_bc2_sqrt, double eps_,
+                double step_size)
+      : decay(static_cast<float>(decay_)), b1(static_cast<float>(beta1)),
+        omb1(static_cast<float>(1.0 - beta1)), b2(static_cast<float>(beta2)),
+        omb2(static_cast<float>(1.0 - beta2)), ibc2(static_cast<float>(inv_bc2_sqrt)),
+        eps(static_cast<float>(eps_)), ss(static_cast<float>(step_size)) {}
+};
+
 // Fold one thread's column maxima (float bit patterns) into the result.
 inline void merge_col_max(float* cm, const std::vector<uint32_t>& cmax) {
   for (size_t j = 0; j < cmax.size(); ++j) {
@@ -384,12 +396,9 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   }
   const int64_t n = param.numel();
   const int64_t nb = (n + block - 1) / block;
-  const float fdecay = static_cast<float>(decay);
-  const float b1 = static_cast<float>(beta1), omb1 = static_cast<float>(1.0 - beta1);
-  const float b2 = static_cast<float>(beta2), omb2 = static_cast<float>(1.0 - beta2);
-  const float ibc2 = static_cast<float>(inv_bc2_sqrt);
-  const float feps = static_cast<float>(eps);
-  const float ss = static_cast<float>(step_size);
+  const StepConstants c(decay, beta1, beta2, inv_bc2_sqrt, eps, step_size);
+  const float fdecay = c.decay, b1 = c.b1, omb1 = c.omb1, b2 = c.b2, omb2 = c.omb2;
+  const float ibc2 = c.ibc2, feps = c.eps, ss = c.ss;
   float* P = param.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   uint8_t* MC = m_codes.data_ptr<uint8_t>();
@@ -680,12 +689,9 @@ void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   const int64_t n = param.numel();
   TORCH_CHECK(grad.numel() == n && exp_avg.numel() == n && exp_avg_sq.numel() == n,
               "fp32_step: sizes differ");
-  const float fdecay = static_cast<float>(decay);
-  const float b1 = static_cast<float>(beta1), omb1 = static_cast<float>(1.0 - beta1);
-  const float b2 = static_cast<float>(beta2), omb2 = static_cast<float>(1.0 - beta2);
-  const float ibc2 = static_cast<float>(inv_bc2_sqrt);
-  const float feps = static_cast<float>(eps);
-  const float ss = static_cast<float>(step_size);
+  const StepConstants c(decay, beta1, beta2, inv_bc2_sqrt, eps, step_size);
+  const float fdecay = c.decay, b1 = c.b1, omb1 = c.omb1, b2 = c.b2, omb2 = c.omb2;
+  const float ibc2 = c.ibc2, feps = c.eps, ss = c.ss;
   float* P = param.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   float* M = exp_avg.data_ptr<float>();
