@@ -115,7 +115,7 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             cpu[name].append(time.process_time() - c0)
     base_name = "torch AdamW fused (fp32 states)"
     base = statistics.median(times[base_name])
-    base_cpu = statistics.median(cpu["torch AdamW fused (fp32 states)"])
+    base_cpu = statistics.median(cpu[base_name])
     rows = []
     for name in opts:
         med = statistics.median(times[name])

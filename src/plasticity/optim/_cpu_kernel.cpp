@@ -205,6 +205,14 @@ struct StepConstants {
         omb1(static_cast<float>(1.0 - beta1)), b2(static_cast<float>(beta2)),
         omb2(static_cast<float>(1.0 - beta2)), ibc2(static_cast<float>(inv_bc2_sqrt)),
         eps(static_cast<float>(eps_)), ss(static_cast<float>(step_size)) {}
+  // The scalar update, in the PyTorch path's order of operations (the AVX-512 loops
+  // spell out the same operations on 16 lanes).
+  float m_new(float m_old, float g) const { return m_old * b1 + g * omb1; }
+  float v_new(float v_old, float g) const { return v_old * b2 + (g * g) * omb2; }
+  float p_new(float p, float m, float v) const {
+    const float den = std::sqrt(v) * ibc2 + eps;
+    return p * decay - (m / den) * ss;
+  }
 };
 
 // Fold one thread's column maxima (float bit patterns) into the result.
@@ -397,8 +405,6 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   const int64_t n = param.numel();
   const int64_t nb = (n + block - 1) / block;
   const StepConstants c(decay, beta1, beta2, inv_bc2_sqrt, eps, step_size);
-  const float fdecay = c.decay, b1 = c.b1, omb1 = c.omb1, b2 = c.b2, omb2 = c.omb2;
-  const float ibc2 = c.ibc2, feps = c.eps, ss = c.ss;
   float* P = param.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   uint8_t* MC = m_codes.data_ptr<uint8_t>();
@@ -443,10 +449,10 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       if ((fast || mode == 1) && (len & 15) == 0) {
         // The same operations as the scalar loops below, 16 lanes at a time, with the
         // second moment's rank-1 codes written as soon as they are computed.
-        const __m512 vb1 = _mm512_set1_ps(b1), vomb1 = _mm512_set1_ps(omb1);
-        const __m512 vb2 = _mm512_set1_ps(b2), vomb2 = _mm512_set1_ps(omb2);
-        const __m512 vibc2 = _mm512_set1_ps(ibc2), veps = _mm512_set1_ps(feps);
-        const __m512 vss = _mm512_set1_ps(ss), vdecay = _mm512_set1_ps(fdecay);
+        const __m512 vb1 = _mm512_set1_ps(c.b1), vomb1 = _mm512_set1_ps(c.omb1);
+        const __m512 vb2 = _mm512_set1_ps(c.b2), vomb2 = _mm512_set1_ps(c.omb2);
+        const __m512 vibc2 = _mm512_set1_ps(c.ibc2), veps = _mm512_set1_ps(c.eps);
+        const __m512 vss = _mm512_set1_ps(c.ss), vdecay = _mm512_set1_ps(c.decay);
         const __m512 smapv = _mm512_loadu_ps(smap), umapv = _mm512_loadu_ps(kMaps.unsigned_map);
         const __m512 vms = _mm512_set1_ps(fresh ? 0.0f : MS[b]);
         const __m512 vro = _mm512_set1_ps(fresh || mode != 0 ? 0.0f : RO[i0]);
@@ -605,35 +611,27 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
         const float* icb = ICN + j0;
         for (int64_t k = 0; k < len; ++k) {
           const float g = Gb[k];
-          const float m = mo[k] * b1 + g * omb1;
+          const float m = c.m_new(mo[k], g);
           const float vold = vo[k] * std::min(ro, cob[k]);  // vo: the map's value (0 if fresh)
-          const float v = vold * b2 + (g * g) * omb2;
-          const float den = std::sqrt(v) * ibc2 + feps;
-          const float p = Pb[k] * fdecay;
-          Pb[k] = p - (m / den) * ss;
+          const float v = c.v_new(vold, g);
+          Pb[k] = c.p_new(Pb[k], m, v);
           M[k] = m;
           mmax = std::max(mmax, bits(m) & 0x7fffffffu);
           V[k] = v * std::max(irn, icb[k]);  // quantized below (a float-only loop vectorizes)
         }
       } else if (mode == 2) {
         for (int64_t k = 0; k < len; ++k) {
-          const float g = Gb[k];
-          const float m = mo[k] * b1 + g * omb1;
-          const float v = V[k];
-          const float den = std::sqrt(v) * ibc2 + feps;
-          const float p = Pb[k] * fdecay;
-          Pb[k] = p - (m / den) * ss;
+          const float m = c.m_new(mo[k], Gb[k]);
+          Pb[k] = c.p_new(Pb[k], m, V[k]);
           M[k] = m;
           mmax = std::max(mmax, bits(m) & 0x7fffffffu);
         }
       } else {
         for (int64_t k = 0; k < len; ++k) {
           const float g = Gb[k];
-          const float m = mo[k] * b1 + g * omb1;
-          const float v = vo[k] * b2 + (g * g) * omb2;
-          const float den = std::sqrt(v) * ibc2 + feps;
-          const float p = Pb[k] * fdecay;
-          Pb[k] = p - (m / den) * ss;
+          const float m = c.m_new(mo[k], g);
+          const float v = c.v_new(vo[k], g);
+          Pb[k] = c.p_new(Pb[k], m, v);
           M[k] = m;
           V[k] = v;
           mmax = std::max(mmax, bits(m) & 0x7fffffffu);
@@ -690,8 +688,6 @@ void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   TORCH_CHECK(grad.numel() == n && exp_avg.numel() == n && exp_avg_sq.numel() == n,
               "fp32_step: sizes differ");
   const StepConstants c(decay, beta1, beta2, inv_bc2_sqrt, eps, step_size);
-  const float fdecay = c.decay, b1 = c.b1, omb1 = c.omb1, b2 = c.b2, omb2 = c.omb2;
-  const float ibc2 = c.ibc2, feps = c.eps, ss = c.ss;
   float* P = param.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   float* M = exp_avg.data_ptr<float>();
@@ -699,11 +695,9 @@ void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
 #pragma omp parallel for schedule(static) if (n > (1 << 18))
   for (int64_t e = 0; e < n; ++e) {
     const float g = G[e];
-    const float m = M[e] * b1 + g * omb1;
-    const float v = V[e] * b2 + (g * g) * omb2;
-    const float den = std::sqrt(v) * ibc2 + feps;
-    const float p = P[e] * fdecay;
-    P[e] = p - (m / den) * ss;
+    const float m = c.m_new(M[e], g);
+    const float v = c.v_new(V[e], g);
+    P[e] = c.p_new(P[e], m, v);
     M[e] = m;
     V[e] = v;
   }
