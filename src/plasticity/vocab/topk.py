@@ -246,6 +246,7 @@ def product_topk(
     na_at, nb_at = na_s.tolist(), nb_s.tolist()  # Python floats: no tensor indexing per block
     res = ProductTopK(*(torch.empty(0) for _ in range(6)))
     res.blocks_total = len(row_starts) * len(col_starts)
+    c16 = 2 * _U16 + 2 * (r + 2) * _U32  # float32 accumulation, then rounding to bfloat16
     lock = threading.Lock()
 
     def search(block_ids: list[int]) -> tuple[int, int]:
@@ -267,7 +268,6 @@ def product_topk(
                     screened += 1
                     q = torch.mm(a_h[r0:r1], b_h[c0:c1].t())
                     lo, hi = torch.aminmax(q)
-                    c16 = 2 * _U16 + 2 * (r + 2) * _U32
                     err = (
                         da_blk[bi] * nb_at[c0] + nah_blk[bi] * db_blk[bj]
                         + c16 * nah_blk[bi] * nbh_blk[bj]
