@@ -134,7 +134,8 @@ def _kernels():
             if MODE == 1:
                 vs_new = tl.max(v, axis=1)
                 tl.store(vs_ptr + blk, vs_new, mask=bvalid)
-                inv = tl.where(vs_new > 0, 1.0 / vs_new, 0.0)[:, None]
+                # quant.inv_or_zero: the scale floored at the smallest normal float
+                inv = tl.where(vs_new > 0, 1.0 / tl.maximum(vs_new, 1.1754943508222875e-38), 0.0)[:, None]
             else:
                 inv = tl.maximum(tl.load(row_new_ptr + i, mask=mask, other=0.0),
                                  tl.load(col_new_ptr + j, mask=mask, other=0.0))
@@ -146,10 +147,6 @@ def _kernels():
             tl.store(vc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
 
     return rank1_stats_kernel, step_kernel
-
-
-def _inv_or_zero(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s > 0, torch.ones_like(s) / s, torch.zeros_like(s))
 
 
 def rank1_stats(grad, v_codes, row_scale, col_scale, cols: int, fresh: bool, beta2: float):
@@ -186,7 +183,7 @@ def fused_step(param, grad, m_codes, m_scale, v_codes, v_scale, row_old, col_old
     dummy = torch.zeros(1, device=dev, dtype=torch.float32)
     dummy_u8 = torch.zeros(1, device=dev, dtype=torch.uint8)
     if mode == 0:
-        row_new, col_new = _inv_or_zero(row_new), _inv_or_zero(col_new)
+        row_new, col_new = quant.inv_or_zero(row_new), quant.inv_or_zero(col_new)
 
     def nz(t, d):
         return t if t.numel() else d

@@ -96,10 +96,6 @@ def _all_flags(flags: list[Any]) -> list[bool]:
     return [bool(f) for f in out]
 
 
-def _inv_or_zero(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s > 0, torch.ones_like(s) / s, torch.zeros_like(s))
-
-
 def _row_scale(maxes: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """Per flat row of the (prod(shape[:-1]) x shape[-1]) view: min over the leading dims'
     max vectors."""
@@ -467,12 +463,12 @@ class AdamW4bit(torch.optim.Optimizer):
             # x = v * (1 / s); 1 / min(r, c) == max(1 / r, 1 / c) in floating point too.
             if kind == "rank1":
                 inv = torch.maximum(
-                    _inv_or_zero(_row_scale(plan["maxes"][:-1], p.shape))[:, None],
-                    _inv_or_zero(plan["maxes"][-1])[None, :]).reshape(-1)
+                    quant.inv_or_zero(_row_scale(plan["maxes"][:-1], p.shape))[:, None],
+                    quant.inv_or_zero(plan["maxes"][-1])[None, :]).reshape(-1)
             else:
                 v_scale = quant.block_absmax(v, block)
                 st["exp_avg_sq_scale"].copy_(v_scale)
-                inv = quant.expand_blocks(_inv_or_zero(v_scale), block, n)
+                inv = quant.expand_blocks(quant.inv_or_zero(v_scale), block, n)
             x = v * inv
             st["exp_avg_sq_codes"].copy_(quant.pack_nibbles(self.v_quantize(x)))
         p.copy_(pf.view_as(p))

@@ -19,6 +19,9 @@ SIGNED_MAP_VALUES = (
 )
 UNSIGNED_MAP_VALUES = tuple((i + 1) / 16 for i in range(16))
 SCALE_FLOOR = 1e-12  # first-moment block scales are clamped here
+# Second-moment scales below the smallest normal float are taken as it when inverted, so
+# the inverse, and every value times it, stays finite (the kernels do the same).
+TINY = torch.finfo(torch.float32).tiny
 
 SIGNED_MAP = torch.tensor(SIGNED_MAP_VALUES, dtype=torch.float32)
 # Decision boundaries, halfway between neighbours (computed in float64, then rounded).
@@ -57,6 +60,11 @@ def quantize_signed(x: torch.Tensor) -> torch.Tensor:
 def quantize_unsigned(x: torch.Tensor) -> torch.Tensor:
     """Nearest code of `UNSIGNED_MAP` for values in [0, 1] (ceil(16x - 1/2) - 1, clamped)."""
     return (torch.ceil(x * 16.0 - 0.5) - 1.0).clamp_(0.0, 15.0).long()
+
+
+def inv_or_zero(s: torch.Tensor) -> torch.Tensor:
+    """1 / s (with s floored at `TINY`), or 0 where s == 0."""
+    return torch.where(s > 0, torch.ones_like(s) / s.clamp_min(TINY), torch.zeros_like(s))
 
 
 def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
