@@ -260,6 +260,24 @@ def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
                 assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (sm, key)
 
 
+def test_factor_statistics_in_chunks_match_float64():
+    """`factor`'s row and column means of g^2, formed a chunk at a time in a small buffer
+    (whole batches per chunk, or rows of one batch, or one row), equal float64 means."""
+    from plasticity.optim.adamw4bit import _mean_squares
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(5, 7, 9), (2, 50, 33), (1, 300, 17), (40, 3, 3)]:
+        g3 = torch.randn(shape, generator=gen) * torch.rand(shape[-1], generator=gen)
+        ref_r = (g3.double() ** 2).mean(-1)
+        ref_c = (g3.double() ** 2).mean(-2)
+        for cap in [16, 64, 200, 10**6, None]:
+            scratch = torch.full((cap,), float("nan")) if cap else None
+            r, c = _mean_squares(g3, scratch)
+            assert r.shape == ref_r.shape and c.shape == ref_c.shape
+            torch.testing.assert_close(r.double(), ref_r, rtol=1e-5, atol=0)
+            torch.testing.assert_close(c.double(), ref_c, rtol=1e-5, atol=0)
+
+
 def test_the_portable_kernel_loops_give_the_same_bits_too():
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
     AVX-512 run) also equals the PyTorch path bit for bit. Built in a subprocess, since

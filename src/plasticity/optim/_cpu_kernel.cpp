@@ -462,9 +462,10 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       // Rank-1 block inside one row (the common case): one fused loop below.
       const bool fast = mode == 0 && j0 + len <= cols;
 #ifdef PLASTICITY_AVX512
-      if ((fast || mode == 1) && (len & 15) == 0) {
+      if ((fast || mode == 1 || (mode == 2 && j0 + len <= cols)) && (len & 15) == 0) {
         // The same operations as the scalar loops below, 16 lanes at a time, with the
-        // second moment's rank-1 codes written as soon as they are computed.
+        // second moment's rank-1 codes written as soon as they are computed. Factored
+        // second moments (mode 2) are a row factor times a column factor.
         const __m512 vb1 = _mm512_set1_ps(c.b1), vomb1 = _mm512_set1_ps(c.omb1);
         const __m512 vb2 = _mm512_set1_ps(c.b2), vomb2 = _mm512_set1_ps(c.omb2);
         const __m512 vibc2 = _mm512_set1_ps(c.ibc2), veps = _mm512_set1_ps(c.eps);
@@ -475,15 +476,17 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
         const __m512 vro = _mm512_set1_ps(fresh || mode != 0 ? 0.0f : RO[i0]);
         const __m512 virn = _mm512_set1_ps(mode == 0 ? IRN[i0] : 0.0f);
         const __m512 vvs = _mm512_set1_ps(fresh || mode != 1 ? 0.0f : VS[b]);
+        const __m512 vrn = _mm512_set1_ps(mode == 2 ? RN[i0] : 0.0f);
+        const float* cnb = mode == 2 ? CN + (i0 / rows_per_batch) * cols + j0 : nullptr;
         const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
         const uint8_t* mcb = MC + e0 / 2;
-        uint8_t* vcb = VC + e0 / 2;
+        uint8_t* vcb = mode != 2 ? VC + e0 / 2 : nullptr;
         float* Pb = P + e0;
         const float* Gb = G + e0;
         __m512i mmaxv = _mm512_setzero_si512(), vmaxv = _mm512_setzero_si512();
         {
           // The hardware prefetchers fall behind on this many streams: ask for the
-          // parameter, gradient and codes kPrefetch elements ahead (8 KB of fp32).
+          // parameter, gradient and codes kPrefetch elements ahead.
           const int64_t ahead = e0 + kPrefetch;
           if (ahead + block <= n) {
             for (int64_t k = 0; k < block; k += 16) {
@@ -492,21 +495,26 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
             }
             for (int64_t k = 0; k < block / 2; k += 64) {
               _mm_prefetch(reinterpret_cast<const char*>(MC + ahead / 2 + k), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(VC + ahead / 2 + k), _MM_HINT_T0);
+              if (mode != 2) _mm_prefetch(reinterpret_cast<const char*>(VC + ahead / 2 + k), _MM_HINT_T0);
             }
           }
         }
         for (int64_t k = 0; k < len; k += 16) {
           const __m512 g = _mm512_loadu_ps(Gb + k);
-          __m512 mo = _mm512_setzero_ps(), vo = _mm512_setzero_ps();
-          if (!fresh) {
-            mo = _mm512_permutexvar_ps(unpack16(mcb + k / 2), mtab);
-            const __m512 code = _mm512_permutexvar_ps(unpack16(vcb + k / 2), umapv);
-            vo = _mm512_mul_ps(code, mode == 0 ? _mm512_min_ps(vro, _mm512_loadu_ps(CO + j0 + k)) : vvs);
-          }
+          const __m512 mo = fresh ? _mm512_setzero_ps()
+                                  : _mm512_permutexvar_ps(unpack16(mcb + k / 2), mtab);
           const __m512 m = _mm512_add_ps(_mm512_mul_ps(mo, vb1), _mm512_mul_ps(g, vomb1));
-          const __m512 v = _mm512_add_ps(_mm512_mul_ps(vo, vb2),
-                                         _mm512_mul_ps(_mm512_mul_ps(g, g), vomb2));
+          __m512 v;
+          if (mode == 2) {
+            v = _mm512_mul_ps(vrn, _mm512_loadu_ps(cnb + k));
+          } else {
+            __m512 vo = _mm512_setzero_ps();
+            if (!fresh) {
+              const __m512 code = _mm512_permutexvar_ps(unpack16(vcb + k / 2), umapv);
+              vo = _mm512_mul_ps(code, mode == 0 ? _mm512_min_ps(vro, _mm512_loadu_ps(CO + j0 + k)) : vvs);
+            }
+            v = _mm512_add_ps(_mm512_mul_ps(vo, vb2), _mm512_mul_ps(_mm512_mul_ps(g, g), vomb2));
+          }
           const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), vibc2), veps);
           const __m512 pd = _mm512_mul_ps(_mm512_loadu_ps(Pb + k), vdecay);
           _mm512_storeu_ps(Pb + k, _mm512_sub_ps(pd, _mm512_mul_ps(_mm512_div_ps(m, den), vss)));
@@ -515,7 +523,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           if (mode == 0) {
             const __m512 inv = _mm512_max_ps(virn, _mm512_loadu_ps(ICN + j0 + k));
             pack16(unsigned_codes16(_mm512_mul_ps(v, inv)), vcb + k / 2);
-          } else {
+          } else if (mode == 1) {
             _mm512_storeu_ps(V.data() + k, v);
             vmaxv = _mm512_max_epu32(vmaxv, _mm512_castps_si512(v));
           }

@@ -96,6 +96,41 @@ def _all_flags(flags: list[Any]) -> list[bool]:
     return [bool(f) for f in out]
 
 
+_SQUARES_CHUNK = 1 << 20  # elements of g^2 held at once on the CPU (4 MB)
+
+
+def _mean_squares(g3: torch.Tensor, scratch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of g^2 over the last and the second-to-last dimension of (B, rows, cols) `g3`.
+
+    With a `scratch` buffer (the CPU) g^2 is formed in it a chunk at a time (whole batches,
+    or rows of one batch) instead of as a new tensor the size of the parameter. Every
+    backend calls this, so they all sum in the same order."""
+    nb, rows, cols = g3.shape
+    cap = scratch.numel() if scratch is not None else g3.numel()
+    row_sum = torch.empty(nb, rows, device=g3.device)
+    col_sum = torch.zeros(nb, cols, device=g3.device)
+
+    def square(gc: torch.Tensor) -> torch.Tensor:
+        if scratch is None or gc.numel() > scratch.numel():  # a row longer than the buffer
+            return gc * gc
+        return torch.mul(gc, gc, out=scratch[:gc.numel()].view(gc.shape))
+
+    if rows * cols <= cap:
+        step = max(1, cap // (rows * cols))
+        for b0 in range(0, nb, step):
+            sq = square(g3[b0:b0 + step])
+            torch.sum(sq, dim=-1, out=row_sum[b0:b0 + step])
+            torch.sum(sq, dim=-2, out=col_sum[b0:b0 + step])
+    else:
+        step = max(1, cap // cols)
+        for b in range(nb):
+            for r0 in range(0, rows, step):
+                sq = square(g3[b, r0:r0 + step])
+                torch.sum(sq, dim=-1, out=row_sum[b, r0:r0 + step])
+                col_sum[b] += sq.sum(dim=-2)
+    return row_sum / cols, col_sum / rows
+
+
 def _row_scale(maxes: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """Per flat row of the (prod(shape[:-1]) x shape[-1]) view: min over the leading dims'
     max vectors."""
@@ -277,6 +312,14 @@ class AdamW4bit(torch.optim.Optimizer):
             self._pass_update(p, g, group, kind, backend, plan)
         return loss
 
+    def _squares_scratch(self, g3: torch.Tensor) -> torch.Tensor | None:
+        """A reusable CPU buffer for `_mean_squares` (not optimizer state: never saved)."""
+        if g3.device.type != "cpu":
+            return None
+        if getattr(self, "_scratch", None) is None:
+            self._scratch = torch.empty(_SQUARES_CHUNK, dtype=torch.float32)
+        return self._scratch
+
     def _old_rank1_scales(self, st: dict[str, Any] | None, shape: torch.Size, dev: torch.device):
         if st is None or st["step"] == 0:
             rows = math.prod(shape[:-1])
@@ -318,14 +361,14 @@ class AdamW4bit(torch.optim.Optimizer):
         if kind == "factor":
             shape = p.shape
             rows, cols = shape[-2], shape[-1]
-            gf = g.reshape(-1, rows, cols).float()
-            gsq = gf * gf
+            g3 = g.reshape(-1, rows, cols).float()
             r_old = st["exp_avg_sq_row"].reshape(-1, rows) if not fresh else torch.zeros(
-                gsq.shape[0], rows, device=p.device)
+                g3.shape[0], rows, device=p.device)
             c_old = st["exp_avg_sq_col"].reshape(-1, cols) if not fresh else torch.zeros(
-                gsq.shape[0], cols, device=p.device)
-            r_new = r_old * b2 + gsq.mean(dim=-1) * (1.0 - b2)
-            c_new = c_old * b2 + gsq.mean(dim=-2) * (1.0 - b2)
+                g3.shape[0], cols, device=p.device)
+            row_msq, col_msq = _mean_squares(g3, self._squares_scratch(g3))
+            r_new = r_old * b2 + row_msq * (1.0 - b2)
+            c_new = c_old * b2 + col_msq * (1.0 - b2)
             r_mean = r_new.mean(dim=-1, keepdim=True)
             row_factor = torch.where(r_mean > 0, r_new / r_mean, torch.zeros_like(r_new))
             finite = torch.isfinite(r_new).all() & torch.isfinite(c_new).all()
