@@ -19,6 +19,9 @@ Other tensors keep fp32 moments. One step, per tensor: p <- p (1 - lr wd); dequa
 v; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2; p <- p - lr / (1 - b1^t) * m /
 (sqrt(v) / sqrt(1 - b2^t) + eps); requantize m and v with fresh scales. Both moments start
 at exactly zero. Codes are packed two per uint8 byte, element 2k in the low nibble of byte k.
+A second-moment scale below the smallest normal float (1.2e-38, second moments of gradients
+around 1e-19 or smaller) is taken as that float when quantizing, so no code comes from an
+infinite inverse.
 
 All gradients are checked before anything changes: a non-finite gradient (or second
 moment) anywhere leaves parameters and states untouched and raises `FloatingPointError`
