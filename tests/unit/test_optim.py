@@ -278,18 +278,20 @@ def test_factor_statistics_in_chunks_match_float64():
             torch.testing.assert_close(c.double(), ref_c, rtol=1e-5, atol=0)
 
 
-def test_the_portable_kernel_loops_give_the_same_bits_too():
+@pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vbmi"])
+def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
-    AVX-512 run) also equals the PyTorch path bit for bit. Built in a subprocess, since
-    the compiler flags are read at import."""
+    AVX-512 run), or with AVX-512 but without VBMI (nibbles unpacked by shifts), also
+    equals the PyTorch path bit for bit. Built in a subprocess, since the compiler flags
+    are read at import."""
     script = (
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
         "from plasticity.optim import _cpu; "
-        "assert '-mno-avx512f' in _cpu.CFLAGS; "
+        f"assert '{flag}' in _cpu.CFLAGS; "
         "t.test_cpp_and_pytorch_paths_give_identical_bits(128); "
         "t.test_cpp_and_pytorch_paths_give_identical_bits(64); print('ok')"
     )
-    env = dict(os.environ, PLASTICITY_KERNEL_FLAGS="-mno-avx512f")
+    env = dict(os.environ, PLASTICITY_KERNEL_FLAGS=flag)
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
