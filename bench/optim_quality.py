@@ -5,7 +5,8 @@ each optimizer starts from the same weights and sees the same batches; the final
 loss (documents never trained on) is compared with fp32 AdamW's. Also the paper's stability
 ablation: the second moment quantized block-wise with a 4-bit map that includes zero
 (linear, i / 15), where small second moments round to 0 and their updates blow up, against
-the zero-free map.
+the zero-free map. `rank1-bf16-scales` (not in the default list) is `rank1` with its block
+scales stored in bfloat16.
 
     python -m bench.optim_quality                       # pubmed, 40 steps of 4 x 64 tokens
     python -m bench.optim_quality --corpus e2e --steps 100 --lr 3e-4
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         if variant == "block-zero-map":
             opt = ZeroMapAdamW4bit(lm.model.parameters(), lr=args.lr, weight_decay=0.01,
                                    second_moment="block", nonfinite="skip")
+        elif variant == "rank1-bf16-scales":
+            opt = AdamW4bit(lm.model.parameters(), lr=args.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=0.01, second_moment="rank1", block_size=cfg.block_size,
+                            min_quantized_numel=cfg.min_quantized_numel, scale_dtype="bfloat16")
         else:
             opt = build_optimizer(lm.model, cfg)
         records = []

@@ -108,8 +108,17 @@ def _decode(st: dict, shape, kind: str, block: int = 128):
     return m, v, None
 
 
-def _reference_step(p, g, st, kind, t, block=128, **hp):
-    """One step in float64 from the optimizer's own (decoded) state before the step."""
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest bfloat16 (ties to even), from float32 bits."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _reference_step(p, g, st, kind, t, block=128, bf16_scales=False, **hp):
+    """One step in float64 from the optimizer's own (decoded) state before the step; with
+    `bf16_scales`, block scales rounded to bfloat16 (of their float32 value) first."""
+    rnd = _bf16 if bf16_scales else (lambda x: x)
     lr, (b1, b2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     shape = tuple(p.shape)
     p, g = p.double().numpy(), g.double().numpy()
@@ -130,7 +139,7 @@ def _reference_step(p, g, st, kind, t, block=128, **hp):
     out["p"], out["m"], out["v"] = p, m, v
     if kind != "fp32":
         mb = _blocks(m, block)
-        scale = np.maximum(np.abs(mb).max(axis=1), 1e-12)
+        scale = rnd(np.maximum(np.abs(mb).max(axis=1), 1e-12))
         out["exp_avg_scale"] = scale
         out["m_x"] = (mb / scale[:, None]).reshape(-1)[: m.size]
         if kind == "rank1":
@@ -140,7 +149,7 @@ def _reference_step(p, g, st, kind, t, block=128, **hp):
             out["v_x"] = np.where(s > 0, v / np.where(s > 0, s, 1), 0).reshape(-1)
         elif kind == "block":
             vb = _blocks(v, block)
-            vs = vb.max(axis=1)
+            vs = rnd(vb.max(axis=1))
             out["exp_avg_sq_scale"] = vs
             out["v_x"] = np.where(vs[:, None] > 0, vb / np.where(vs > 0, vs, 1)[:, None], 0).reshape(-1)[: v.size]
     return out
@@ -155,7 +164,8 @@ def _check_against_reference(p, st, ref, kind, tag):
         return
     assert st["exp_avg_codes"].dtype == torch.uint8
     n = p.numel()
-    np.testing.assert_allclose(st["exp_avg_scale"].numpy(), ref["exp_avg_scale"], rtol=1e-6, err_msg=tag)
+    np.testing.assert_allclose(st["exp_avg_scale"].double().numpy(), ref["exp_avg_scale"], rtol=1e-6,
+                               err_msg=tag)
     codes = _unpack(st["exp_avg_codes"], n)
     want = _nearest(ref["m_x"], SIGNED)
     near = _boundary_distance(ref["m_x"], SIGNED) < 1e-5
@@ -166,7 +176,7 @@ def _check_against_reference(p, st, ref, kind, tag):
             np.testing.assert_allclose(st[key].numpy(), ref[key], rtol=1e-5, err_msg=f"{tag} {key}")
         return
     for key in [k for k in ref if k.startswith("exp_avg_sq_max") or k == "exp_avg_sq_scale"]:
-        np.testing.assert_allclose(st[key].numpy(), ref[key], rtol=1e-5, err_msg=f"{tag} {key}")
+        np.testing.assert_allclose(st[key].double().numpy(), ref[key], rtol=1e-5, err_msg=f"{tag} {key}")
     vcodes = _unpack(st["exp_avg_sq_codes"], n)
     want = _nearest(ref["v_x"], UNSIGNED)
     near = _boundary_distance(ref["v_x"], UNSIGNED) < 1e-5
@@ -177,20 +187,22 @@ def _check_against_reference(p, st, ref, kind, tag):
     assert np.abs(m_deq - ref["m"]).max() <= (m_scale * 0.2251).max()  # widest half-gap of the map
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("second_moment", ["rank1", "block", "factor"])
-def test_steps_match_a_float64_reference(second_moment, backend):
+def test_steps_match_a_float64_reference(second_moment, backend, scale_dtype):
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     opt = AdamW4bit(params, second_moment=second_moment, min_quantized_numel=100,
-                    backend=backend, **HP)
+                    backend=backend, scale_dtype=scale_dtype, **HP)
     for t in range(1, 4):
         refs = []
         for p in params:
             p.grad = _grad(tuple(p.shape), gen)
             kind = _kind(tuple(p.shape), second_moment)
             st = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-            refs.append((kind, _reference_step(p.detach(), p.grad, st, kind, t, **HP)))
+            refs.append((kind, _reference_step(p.detach(), p.grad, st, kind, t,
+                                               bf16_scales=scale_dtype == "bfloat16", **HP)))
         opt.step()
         for p, (kind, ref) in zip(params, refs, strict=True):
             _check_against_reference(p, opt.state[p], ref, kind, f"{second_moment} {tuple(p.shape)} t={t}")
@@ -226,8 +238,13 @@ def test_first_step_starts_from_exact_zeros():
     assert torch.equal(p.detach()[0, :5], p0[0, :5].float())
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("block_size", [64, 128])
-def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
+def test_cpp_and_pytorch_paths_give_identical_bits(block_size, scale_dtype):
+    _check_identical_bits(block_size, scale_dtype)
+
+
+def _check_identical_bits(block_size, scale_dtype="float32"):
     from plasticity.optim import _cpu
 
     assert _cpu.available(), "the C++ kernel did not build"
@@ -241,7 +258,7 @@ def test_cpp_and_pytorch_paths_give_identical_bits(block_size):
             gen = torch.Generator().manual_seed(5)
             ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
             opt = AdamW4bit(ps, second_moment=sm, min_quantized_numel=64, backend=backend,
-                            block_size=block_size, **HP)
+                            block_size=block_size, scale_dtype=scale_dtype, **HP)
             for _ in range(4):
                 for p in ps:
                     g = _grad(tuple(p.shape), gen)
@@ -288,8 +305,8 @@ def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
         "from plasticity.optim import _cpu; "
         f"assert '{flag}' in _cpu.CFLAGS; "
-        "t.test_cpp_and_pytorch_paths_give_identical_bits(128); "
-        "t.test_cpp_and_pytorch_paths_give_identical_bits(64); print('ok')"
+        "t._check_identical_bits(128); t._check_identical_bits(64); "
+        "t._check_identical_bits(128, 'bfloat16'); print('ok')"
     )
     env = dict(os.environ, PLASTICITY_KERNEL_FLAGS=flag)
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
@@ -306,11 +323,12 @@ def test_the_kernel_builds_into_plasticity_cache(monkeypatch, tmp_path):
     assert str(_cpu.cache_dir()).endswith(".cache/plasticity/optim-kernels")
 
 
-def _trained(second_moment="rank1", dtype=torch.float32, steps=3, seed=0):
+def _trained(second_moment="rank1", dtype=torch.float32, steps=3, seed=0, scale_dtype="float32"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.GELU(), torch.nn.Linear(80, 5))
     model = model.to(dtype)
-    opt = AdamW4bit(model.parameters(), lr=1e-2, second_moment=second_moment, min_quantized_numel=128)
+    opt = AdamW4bit(model.parameters(), lr=1e-2, second_moment=second_moment, min_quantized_numel=128,
+                    scale_dtype=scale_dtype)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     data = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
 
@@ -331,9 +349,11 @@ def _trained(second_moment="rank1", dtype=torch.float32, steps=3, seed=0):
     return model, opt, sched, run, losses
 
 
-@pytest.mark.parametrize("second_moment", ["rank1", "block", "factor"])
-def test_save_load_continue_is_bit_identical(second_moment, tmp_path):
-    model, opt, sched, run, losses = _trained(second_moment)
+@pytest.mark.parametrize(("second_moment", "scale_dtype"), [
+    ("rank1", "float32"), ("block", "float32"), ("factor", "float32"), ("rank1", "bfloat16"),
+    ("block", "bfloat16")])
+def test_save_load_continue_is_bit_identical(second_moment, scale_dtype, tmp_path):
+    model, opt, sched, run, losses = _trained(second_moment, scale_dtype=scale_dtype)
     assert losses[-1] < losses[0]
     path = tmp_path / "opt.pt"
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -341,7 +361,7 @@ def test_save_load_continue_is_bit_identical(second_moment, tmp_path):
     run(3)
     want = [p.detach().clone() for p in model.parameters()]
 
-    model2, opt2, sched2, run2, _ = _trained(second_moment, steps=0)
+    model2, opt2, sched2, run2, _ = _trained(second_moment, steps=0, scale_dtype=scale_dtype)
     saved = torch.load(path, weights_only=True)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
@@ -350,6 +370,8 @@ def test_save_load_continue_is_bit_identical(second_moment, tmp_path):
         for key, value in opt2.state[p].items():
             if key.endswith("codes"):
                 assert value.dtype == torch.uint8
+            if key.endswith("_scale"):
+                assert value.dtype == getattr(torch, scale_dtype)
     run2(3)
     for a, b in zip(want, model2.parameters(), strict=True):
         assert torch.equal(a, b.detach())
@@ -393,11 +415,12 @@ def test_safetensors_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b.detach())
 
 
-def test_state_bytes_count_codes_scales_and_small_states():
+@pytest.mark.parametrize(("scale_dtype", "sb"), [("float32", 4), ("bfloat16", 2)])
+def test_state_bytes_count_codes_scales_and_small_states(scale_dtype, sb):
     shapes = [(1000, 300), (513, 129), (4096,), (77,), (5000,)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for sm in ("rank1", "block", "factor"):
-        opt = AdamW4bit(params, second_moment=sm, min_quantized_numel=4096)
+        opt = AdamW4bit(params, second_moment=sm, min_quantized_numel=4096, scale_dtype=scale_dtype)
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
@@ -407,9 +430,9 @@ def test_state_bytes_count_codes_scales_and_small_states():
             if n <= 4096:
                 want += 8 * n
                 continue
-            first = (n + 1) // 2 + 4 * -(-n // 128)
+            first = (n + 1) // 2 + sb * -(-n // 128)
             if len(s) == 1 or sm == "block":
-                second = (n + 1) // 2 + 4 * -(-n // 128)
+                second = (n + 1) // 2 + sb * -(-n // 128)
             elif sm == "rank1":
                 second = (n + 1) // 2 + 4 * sum(s)
             else:
@@ -429,6 +452,7 @@ def test_state_bytes_count_codes_scales_and_small_states():
         ({"second_moment": "rank2"}, "second_moment"),
         ({"block_size": 127}, "block_size"),
         ({"min_quantized_numel": -1}, "min_quantized_numel"),
+        ({"scale_dtype": "float16"}, "scale_dtype"),
     ],
 )
 def test_bad_hyperparameters_name_the_argument(kwargs, name):

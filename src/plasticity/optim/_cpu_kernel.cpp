@@ -240,6 +240,40 @@ inline void merge_col_max(float* cm, const std::vector<uint32_t>& cmax) {
   }
 }
 
+// Block scales stored as float32 or bfloat16 (rounded to nearest even, as PyTorch's
+// .to(torch.bfloat16)); put() returns the value stored, which is what the codes are
+// quantized against.
+struct Scales {
+  float* f32 = nullptr;
+  uint16_t* b16 = nullptr;
+  explicit Scales(const torch::Tensor& t) {
+    if (t.scalar_type() == torch::kBFloat16) {
+      b16 = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+    } else {
+      f32 = t.data_ptr<float>();
+    }
+  }
+  float get(int64_t b) const {
+    if (f32) return f32[b];
+    const uint32_t u = static_cast<uint32_t>(b16[b]) << 16;
+    float x;
+    std::memcpy(&x, &u, sizeof(x));
+    return x;
+  }
+  float put(int64_t b, float x) {
+    if (f32) return f32[b] = x;
+    const uint32_t u = bits(x);  // finite and >= 0 here
+    b16[b] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return get(b);
+  }
+};
+
+void check_scales(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+                  (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              name, " must be a contiguous float32 or bfloat16 CPU tensor");
+}
+
 }  // namespace
 
 // True when every element of `t` is finite.
@@ -407,13 +441,13 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   check_f32(param, "param");
   check_f32(grad, "grad");
   check_u8(m_codes, "m_codes");
-  check_f32(m_scale, "m_scale");
+  check_scales(m_scale, "m_scale");
   check_f32(row_new, "row_new");
   check_f32(col_new, "col_new");
   TORCH_CHECK(block > 0 && block % 2 == 0, "block must be even");
   TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0, 1 or 2");
   if (mode != 2) check_u8(v_codes, "v_codes");
-  if (mode == 1) check_f32(v_scale, "v_scale");
+  if (mode == 1) check_scales(v_scale, "v_scale");
   if (mode == 0) {
     check_f32(row_old, "row_old");
     check_f32(col_old, "col_old");
@@ -424,9 +458,9 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   float* P = param.data_ptr<float>();
   const float* G = grad.data_ptr<float>();
   uint8_t* MC = m_codes.data_ptr<uint8_t>();
-  float* MS = m_scale.data_ptr<float>();
+  Scales MS(m_scale);
   uint8_t* VC = mode != 2 ? v_codes.data_ptr<uint8_t>() : nullptr;
-  float* VS = mode == 1 ? v_scale.data_ptr<float>() : nullptr;
+  Scales VS(mode == 1 ? v_scale : m_scale);  // (unused unless mode 1)
   const float* RO = mode == 0 ? row_old.data_ptr<float>() : nullptr;
   const float* CO = mode == 0 ? col_old.data_ptr<float>() : nullptr;
   const float* RN = row_new.data_ptr<float>();
@@ -472,10 +506,10 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
         const __m512 vss = _mm512_set1_ps(c.ss), vdecay = _mm512_set1_ps(c.decay);
         const __m512 smapv = _mm512_loadu_ps(smap), umapv = _mm512_loadu_ps(kMaps.unsigned_map);
         // The first moment's map times its block scale: table[c] * scale, as element-wise.
-        const __m512 mtab = _mm512_mul_ps(smapv, _mm512_set1_ps(fresh ? 0.0f : MS[b]));
+        const __m512 mtab = _mm512_mul_ps(smapv, _mm512_set1_ps(fresh ? 0.0f : MS.get(b)));
         const __m512 vro = _mm512_set1_ps(fresh || mode != 0 ? 0.0f : RO[i0]);
         const __m512 virn = _mm512_set1_ps(mode == 0 ? IRN[i0] : 0.0f);
-        const __m512 vvs = _mm512_set1_ps(fresh || mode != 1 ? 0.0f : VS[b]);
+        const __m512 vvs = _mm512_set1_ps(fresh || mode != 1 ? 0.0f : VS.get(b));
         const __m512 vrn = _mm512_set1_ps(mode == 2 ? RN[i0] : 0.0f);
         const float* cnb = mode == 2 ? CN + (i0 / rows_per_batch) * cols + j0 : nullptr;
         const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
@@ -531,8 +565,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
         const uint32_t mbits = _mm512_reduce_max_epu32(mmaxv);
         float mscale;
         std::memcpy(&mscale, &mbits, sizeof(mscale));
-        mscale = std::max(mscale, 1e-12f);
-        MS[b] = mscale;
+        mscale = MS.put(b, std::max(mscale, 1e-12f));
         const __m512 vinv = _mm512_set1_ps(1.0f / mscale);
         uint8_t* mcw = MC + e0 / 2;
         for (int64_t k = 0; k < len; k += 16) {
@@ -543,8 +576,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           const uint32_t vbits = _mm512_reduce_max_epu32(vmaxv);
           float vs;
           std::memcpy(&vs, &vbits, sizeof(vs));
-          VS[b] = vs;
-          const __m512 ivs = _mm512_set1_ps(inv_or_zero(vs));
+          const __m512 ivs = _mm512_set1_ps(inv_or_zero(VS.put(b, vs)));
           for (int64_t k = 0; k < len; k += 16) {
             pack16(unsigned_codes16(_mm512_mul_ps(_mm512_loadu_ps(V.data() + k), ivs)), vcb + k / 2);
           }
@@ -590,7 +622,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           cm[2 * q] = byte & 15;
           cm[2 * q + 1] = byte >> 4;
         }
-        lookup16(cm.data(), smap, MS[b], mo.data(), len);
+        lookup16(cm.data(), smap, MS.get(b), mo.data(), len);
         const uint8_t* vcb = VC + e0 / 2;
         for (int64_t q = 0; q < nbytes; ++q) {
           const uint8_t byte = vcb[q];
@@ -604,7 +636,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           cm[2 * q] = byte & 15;
           cm[2 * q + 1] = byte >> 4;
         }
-        const float ms = MS[b];
+        const float ms = MS.get(b);
         lookup16(cm.data(), smap, ms, mo.data(), len);
         if (mode != 2) {
           const uint8_t* vcb = VC + e0 / 2;
@@ -618,7 +650,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
               vo[k] = ((static_cast<float>(cv[k]) + 1.0f) * 0.0625f) * so[k];
             }
           } else {
-            const float vs = VS[b];
+            const float vs = VS.get(b);
             for (int64_t k = 0; k < len; ++k) {
               vo[k] = ((static_cast<float>(cv[k]) + 1.0f) * 0.0625f) * vs;
             }
@@ -666,8 +698,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       // Requantize the first moment with a fresh block scale.
       float mscale;
       std::memcpy(&mscale, &mmax, sizeof(mscale));
-      mscale = std::max(mscale, 1e-12f);
-      MS[b] = mscale;
+      mscale = MS.put(b, std::max(mscale, 1e-12f));
       const float inv_ms = 1.0f / mscale;
       quantize_signed(M.data(), inv_ms, smid, cm.data(), len);
       if (len & 1) cm[len] = 0;
@@ -685,8 +716,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       if (mode == 1) {
         float vs;
         std::memcpy(&vs, &vmax, sizeof(vs));
-        VS[b] = vs;
-        const float ivs = inv_or_zero(vs);
+        const float ivs = inv_or_zero(VS.put(b, vs));
         for (int64_t k = 0; k < len; ++k) sn[k] = ivs;
       }
       for (int64_t k = 0; k < len; ++k) {

@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 SECOND_MOMENTS = ("rank1", "block", "factor")
 BACKENDS = ("auto", "cpp", "torch", "triton")
 _MODE = {"rank1": 0, "block": 1, "factor": 2}
+SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _validate(lr: Any, betas: Any, eps: Any, weight_decay: Any, second_moment: Any,
-              block_size: Any, min_quantized_numel: Any) -> None:
+              block_size: Any, min_quantized_numel: Any, scale_dtype: Any = "float32") -> None:
     if not isinstance(lr, int | float) or not lr >= 0.0:
         raise ValueError(f"lr: must be a number >= 0, got {lr!r}")
     if not isinstance(eps, int | float) or not eps >= 0.0:
@@ -76,6 +77,10 @@ def _validate(lr: Any, betas: Any, eps: Any, weight_decay: Any, second_moment: A
     if not isinstance(min_quantized_numel, int) or min_quantized_numel < 0:
         raise ValueError(
             f"min_quantized_numel: must be an integer >= 0, got {min_quantized_numel!r}"
+        )
+    if not isinstance(scale_dtype, str) or scale_dtype not in SCALE_DTYPES:
+        raise ValueError(
+            f"scale_dtype: expected one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}"
         )
 
 
@@ -166,7 +171,10 @@ class AdamW4bit(torch.optim.Optimizer):
     """AdamW whose moments are stored in 4 bits (see the module docstring).
 
     Parameter groups may override `lr`, `betas`, `eps`, `weight_decay`, `second_moment`,
-    `block_size`, `min_quantized_numel`, and set `quantize=False` to keep fp32 moments.
+    `block_size`, `min_quantized_numel`, `scale_dtype`, and set `quantize=False` to keep
+    fp32 moments. `scale_dtype="bfloat16"` stores the block scales (the first moment's, and
+    the block-wise second moment's) in 16 bits, rounded to nearest, and quantizes against
+    the rounded scale; it runs in C++ on the CPU and on the PyTorch path elsewhere.
     `backend`: "auto" (C++ on CPU float32, Triton on CUDA, PyTorch otherwise), or force
     "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run).
     """
@@ -192,8 +200,10 @@ class AdamW4bit(torch.optim.Optimizer):
         min_quantized_numel: int = 4096,
         nonfinite: str = "raise",
         backend: str = "auto",
+        scale_dtype: str = "float32",
     ) -> None:
-        _validate(lr, betas, eps, weight_decay, second_moment, block_size, min_quantized_numel)
+        _validate(lr, betas, eps, weight_decay, second_moment, block_size, min_quantized_numel,
+                  scale_dtype)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
         if backend not in BACKENDS:
@@ -204,7 +214,7 @@ class AdamW4bit(torch.optim.Optimizer):
         defaults = dict(
             lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps,
             weight_decay=weight_decay, second_moment=second_moment, block_size=block_size,
-            min_quantized_numel=min_quantized_numel, quantize=True,
+            min_quantized_numel=min_quantized_numel, quantize=True, scale_dtype=scale_dtype,
         )
         super().__init__(params, defaults)
 
@@ -212,7 +222,8 @@ class AdamW4bit(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                  group["second_moment"], group["block_size"], group["min_quantized_numel"])
+                  group["second_moment"], group["block_size"], group["min_quantized_numel"],
+                  group.get("scale_dtype", "float32"))
         group["betas"] = (float(group["betas"][0]), float(group["betas"][1]))
         for p in group["params"]:
             if p.is_complex() or not p.is_floating_point():
@@ -237,10 +248,10 @@ class AdamW4bit(torch.optim.Optimizer):
                 return group
         raise ValueError("p: not a parameter of this optimizer")
 
-    def _backend_for(self, p: torch.Tensor, block: int) -> str:
+    def _backend_for(self, p: torch.Tensor, block: int, scale_dtype: str = "float32") -> str:
         if type(self).v_map is not AdamW4bit.v_map or type(self).v_quantize is not AdamW4bit.v_quantize:
             return "torch"
-        if p.is_cuda and self.backend in ("auto", "triton"):
+        if p.is_cuda and self.backend in ("auto", "triton") and scale_dtype == "float32":
             from plasticity.optim import _triton
 
             if _triton.available() and _triton.supports(block):
@@ -253,10 +264,12 @@ class AdamW4bit(torch.optim.Optimizer):
                 return "cpp"
         return "torch"
 
-    def _init_state(self, p: torch.Tensor, kind: str, block: int) -> dict[str, Any]:
+    def _init_state(self, p: torch.Tensor, kind: str, block: int,
+                    scale_dtype: str = "float32") -> dict[str, Any]:
         n = p.numel()
         dev = p.device
         f32 = dict(device=dev, dtype=torch.float32)
+        scales = dict(device=dev, dtype=SCALE_DTYPES[scale_dtype])
         st: dict[str, Any] = {"step": 0}
         if kind == "fp32":
             st["exp_avg"] = torch.zeros(p.shape, **f32)
@@ -264,14 +277,14 @@ class AdamW4bit(torch.optim.Optimizer):
             return st
         nb = -(-n // block)
         st["exp_avg_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
-        st["exp_avg_scale"] = torch.zeros(nb, **f32)
+        st["exp_avg_scale"] = torch.zeros(nb, **scales)
         if kind == "rank1":
             st["exp_avg_sq_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
             for k, size in enumerate(p.shape):
                 st[f"exp_avg_sq_max{k}"] = torch.zeros(size, **f32)
         elif kind == "block":
             st["exp_avg_sq_codes"] = torch.zeros(quant.packed_bytes(n), device=dev, dtype=torch.uint8)
-            st["exp_avg_sq_scale"] = torch.zeros(nb, **f32)
+            st["exp_avg_sq_scale"] = torch.zeros(nb, **scales)
         else:  # factor
             st["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **f32)
             st["exp_avg_sq_col"] = torch.zeros((*p.shape[:-2], p.shape[-1]), **f32)
@@ -295,7 +308,7 @@ class AdamW4bit(torch.optim.Optimizer):
                 if g.is_complex():
                     raise ValueError("grad: AdamW4bit does not support complex gradients")
                 kind = self.layout(p, group)
-                backend = self._backend_for(p, group["block_size"])
+                backend = self._backend_for(p, group["block_size"], group.get("scale_dtype", "float32"))
                 plan = self._pass_stats(p, g, group, kind, backend)
                 work.append((group, p, g, kind, backend, plan))
         if not work:
@@ -398,7 +411,7 @@ class AdamW4bit(torch.optim.Optimizer):
         block = group["block_size"]
         st = self.state[p]
         if not st:
-            st.update(self._init_state(p, kind, block))
+            st.update(self._init_state(p, kind, block, group.get("scale_dtype", "float32")))
         t = st["step"] + 1
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
@@ -480,7 +493,7 @@ class AdamW4bit(torch.optim.Optimizer):
             mo = torch.zeros_like(gf)
         else:
             mo = smap[quant.unpack_nibbles(st["exp_avg_codes"], n)] * quant.expand_blocks(
-                st["exp_avg_scale"], block, n)
+                st["exp_avg_scale"].float(), block, n)
         m = mo * sc["beta1"] + gf * (1.0 - sc["beta1"])
         if kind == "factor":
             rows, cols = p.shape[-2], p.shape[-1]
@@ -494,13 +507,14 @@ class AdamW4bit(torch.optim.Optimizer):
                 vo = torch.zeros_like(gf)
             else:
                 vo = umap[quant.unpack_nibbles(st["exp_avg_sq_codes"], n)] * quant.expand_blocks(
-                    st["exp_avg_sq_scale"], block, n)
+                    st["exp_avg_sq_scale"].float(), block, n)
             v = vo * sc["beta2"] + (gf * gf) * (1.0 - sc["beta2"])
         den = _sqrt(v) * sc["inv_bc2_sqrt"] + sc["eps"]
         pf = p.reshape(-1).float() * sc["decay"]
         pf = pf - (m / den) * sc["step_size"]
-        # Requantize.
+        # Requantize, against the scales as stored (float32, or rounded to bfloat16).
         m_scale = quant.block_absmax(m, block).clamp_min(quant.SCALE_FLOOR)
+        m_scale = m_scale.to(st["exp_avg_scale"].dtype).float()
         inv_m = torch.ones_like(m_scale) / m_scale
         m_codes = quant.quantize_signed(m * quant.expand_blocks(inv_m, block, n))
         st["exp_avg_scale"].copy_(m_scale)
@@ -512,7 +526,7 @@ class AdamW4bit(torch.optim.Optimizer):
                     quant.inv_or_zero(_row_scale(plan["maxes"][:-1], p.shape))[:, None],
                     quant.inv_or_zero(plan["maxes"][-1])[None, :]).reshape(-1)
             else:
-                v_scale = quant.block_absmax(v, block)
+                v_scale = quant.block_absmax(v, block).to(st["exp_avg_sq_scale"].dtype).float()
                 st["exp_avg_sq_scale"].copy_(v_scale)
                 inv = quant.expand_blocks(quant.inv_or_zero(v_scale), block, n)
             x = v * inv
@@ -532,7 +546,7 @@ class AdamW4bit(torch.optim.Optimizer):
             return st["exp_avg"].clone(), st["exp_avg_sq"].clone()
         n, block = p.numel(), group["block_size"]
         m = quant.SIGNED_MAP.to(p.device)[quant.unpack_nibbles(st["exp_avg_codes"], n)]
-        m = m * quant.expand_blocks(st["exp_avg_scale"], block, n)
+        m = m * quant.expand_blocks(st["exp_avg_scale"].float(), block, n)
         if kind == "factor":
             rows, cols = p.shape[-2], p.shape[-1]
             r = st["exp_avg_sq_row"].reshape(-1, rows)
@@ -546,7 +560,7 @@ class AdamW4bit(torch.optim.Optimizer):
                 s = torch.minimum(_row_scale(maxes[:-1], p.shape)[:, None], maxes[-1][None, :])
                 s = s.reshape(-1)
             else:
-                s = quant.expand_blocks(st["exp_avg_sq_scale"], block, n)
+                s = quant.expand_blocks(st["exp_avg_sq_scale"].float(), block, n)
             v = codes * s
         return m.view(p.shape), v.view(p.shape)
 
