@@ -5,7 +5,8 @@ Per parameter tensor with more than `min_quantized_numel` elements (and whose gr
 set `quantize=False`):
 
 - first moment: blocks of `block_size` elements of the row-major flattened tensor, fp32 scale
-  per block (absmax, clamped at 1e-12), signed 4-bit dynamic-exponent map;
+  per block (absmax, clamped at 1e-12; bfloat16, rounded to nearest, with
+  `scale_dtype="bfloat16"`), signed 4-bit dynamic-exponent map;
 - second moment, `second_moment=`
   - "rank1" (default): for ndim >= 2 the scale of an entry is the minimum, over the
     tensor's dimensions, of that dimension's max vector (for a matrix: min(max of its row,
