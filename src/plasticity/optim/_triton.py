@@ -4,12 +4,14 @@ The same two passes as the C++ kernel: `rank1_stats` (row and column maxima of t
 moment, tiles reduced in registers and merged with atomic max, plus a non-finite count) and
 `fused_step` (per 128-element block: dequantize, update, requantize; several blocks per
 program). Results agree with the CPU path to float32 rounding (the GPU may fuse multiply-adds),
-not bit for bit; tests/unit/test_optim_gpu.py checks them against it.
+not bit for bit; tests/unit/test_optim_gpu.py checks them against it. Under Triton's
+interpreter (`TRITON_INTERPRET=1`, see `interpreted`) the same kernels run on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -17,15 +19,30 @@ from plasticity.optim import quant
 
 
 @functools.cache
-def available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def _importable() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False
     return True
+
+
+def available() -> bool:
+    """Triton kernels can run on CUDA tensors here."""
+    return torch.cuda.is_available() and _importable()
+
+
+def interpreted() -> bool:
+    """`TRITON_INTERPRET=1` and Triton installed: the kernels run on CPU tensors, in NumPy.
+
+    Slow (a debugging aid), but exact: without fused multiply-adds the interpreted kernels give
+    the C++ kernel's results bit for bit, which tests/unit/test_optim_triton_interpret.py
+    checks on machines without a GPU. Kernels are built on first use, so set the variable
+    before the first step (or call `_kernels.cache_clear()`).
+    """
+    flag = os.environ.get("TRITON_INTERPRET", "").strip().lower()
+    return flag in ("1", "true", "yes", "on") and _importable()
 
 
 def supports(block: int) -> bool:

@@ -177,7 +177,8 @@ class AdamW4bit(torch.optim.Optimizer):
     the block-wise second moment's) in 16 bits, rounded to nearest, and quantizes against
     the rounded scale; it runs in C++ on the CPU and on the PyTorch path elsewhere.
     `backend`: "auto" (C++ on CPU float32, Triton on CUDA, PyTorch otherwise), or force
-    "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run).
+    "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run; "triton" runs
+    on CPU tensors under Triton's interpreter, `TRITON_INTERPRET=1`, slowly, for debugging).
     """
 
     # The second moment's 4-bit map (the value of each code) and its quantizer (values already
@@ -252,10 +253,14 @@ class AdamW4bit(torch.optim.Optimizer):
     def _backend_for(self, p: torch.Tensor, block: int, scale_dtype: str = "float32") -> str:
         if type(self).v_map is not AdamW4bit.v_map or type(self).v_quantize is not AdamW4bit.v_quantize:
             return "torch"
-        if p.is_cuda and self.backend in ("auto", "triton") and scale_dtype == "float32":
+        if self.backend in ("auto", "triton") and scale_dtype == "float32":
             from plasticity.optim import _triton
 
-            if _triton.available() and _triton.supports(block):
+            on_device = p.is_cuda and _triton.available()
+            # Forced "triton" on CPU tensors under TRITON_INTERPRET=1: the kernels, interpreted.
+            interpreted = (self.backend == "triton" and p.device.type == "cpu"
+                           and _triton.interpreted())
+            if (on_device or interpreted) and _triton.supports(block):
                 return "triton"
         if (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
                 and self.backend in ("auto", "cpp")):

@@ -1,0 +1,148 @@
+"""Cases for test_optim_triton_interpret.py, which runs them in a child process.
+
+Triton reads TRITON_INTERPRET when `triton.language` is imported, so these run only in a
+process that set it first; pytest does not collect this file on its own (no `test_` prefix).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from plasticity.optim import AdamW4bit, _triton
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run by test_optim_triton_interpret.py with TRITON_INTERPRET=1",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+# Odd sizes: partial last blocks, partial tiles, a block count that is no multiple of the
+# blocks per program, 3-D tensors (rank-1 maxima over every dimension, factor statistics over
+# the last two), a 1-D tensor (block-wise second moment) and one kept in fp32 (numel <= 100).
+SHAPES = [(40, 257), (64, 96), (3, 7, 130), (1001,), (50, 50), (9, 11)]
+HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, min_quantized_numel=100)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Counts the calls that reach the (interpreted) kernels."""
+    assert _triton.interpreted()
+    calls = {"rank1_stats": 0, "fused_step": 0}
+    for name in calls:
+        original = getattr(_triton, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_triton, name, counted)
+    return calls
+
+
+def _grads(gen, dtype):
+    out = []
+    for s in SHAPES:
+        g = torch.randn(s, generator=gen)
+        if len(s) >= 2:
+            g = g * torch.rand(s[0], *([1] * (len(s) - 1)), generator=gen) * 3
+        flat = g.view(-1)
+        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=gen)] *= 100
+        g[0] *= 1e-20  # second moments (and their scales) of subnormal size
+        out.append(g.to(dtype))
+    return out
+
+
+def _run(backend, steps=3, dtype=torch.float32, **kw):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    opt = AdamW4bit(params, backend=backend, **{**HP, **kw})
+    for _ in range(steps):
+        for p, g in zip(params, _grads(gen, dtype), strict=True):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+def _assert_identical(ref, ref_opt, got, got_opt):
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a.detach(), b.detach()), a.shape
+        sa, sb = ref_opt.state[a], got_opt.state[b]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if torch.is_tensor(value):
+                assert sb[key].dtype == value.dtype, key
+                assert torch.equal(sb[key], value), (key, a.shape)
+            else:
+                assert sb[key] == value, key
+
+
+@pytest.mark.parametrize("second_moment,block_size", [
+    ("rank1", 128), ("block", 128), ("factor", 128), ("rank1", 32),
+])
+def test_interpreted_kernels_equal_the_cpp_kernel(interpreter, second_moment, block_size):
+    ref, ref_opt = _run("cpp", second_moment=second_moment, block_size=block_size)
+    got, got_opt = _run("triton", second_moment=second_moment, block_size=block_size)
+    _assert_identical(ref, ref_opt, got, got_opt)
+    quantized = sum(p.numel() > HP["min_quantized_numel"] for p in got)
+    assert interpreter["fused_step"] == 3 * quantized
+    rank1_tensors = sum(p.ndim >= 2 and p.numel() > HP["min_quantized_numel"] for p in got)
+    assert interpreter["rank1_stats"] == (3 * rank1_tensors if second_moment == "rank1" else 0)
+
+
+def _bf16_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 -> bfloat16 rounded to nearest even, and truncated (the interpreter's cast)."""
+    truncated = (x.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return x.to(torch.bfloat16), truncated
+
+
+@pytest.mark.parametrize("second_moment", ["rank1", "block", "factor"])
+def test_interpreted_kernels_on_bfloat16_params(interpreter, second_moment):
+    """bf16 params: the update is computed in float32 and rounded once, the states as in float32.
+
+    Each step starts the float32 C++ reference from the bf16 parameters; the kernel's result
+    must be that float32 result rounded to bf16 (the compiled kernel rounds to nearest even;
+    the interpreter casts by truncation, so either neighbour is accepted), and every code and
+    scale must equal the reference's exactly (the moments do not depend on the parameters).
+    """
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in SHAPES]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.float()) for t in init]
+    opt = AdamW4bit(params, backend="triton", second_moment=second_moment, **HP)
+    ref_opt = AdamW4bit(ref, backend="cpp", second_moment=second_moment, **HP)
+    for _ in range(3):
+        for p, r, g in zip(params, ref, _grads(gen, torch.bfloat16), strict=True):
+            p.grad, r.grad = g, g.float()
+            with torch.no_grad():
+                r.copy_(p.float())
+        opt.step()
+        ref_opt.step()
+        for p, r in zip(params, ref, strict=True):
+            assert p.dtype == torch.bfloat16
+            if p.numel() <= HP["min_quantized_numel"]:
+                continue
+            nearest, truncated = _bf16_candidates(r.detach())
+            assert ((p == nearest) | (p == truncated)).all(), p.shape
+            for key, value in ref_opt.state[r].items():
+                if torch.is_tensor(value):
+                    assert torch.equal(opt.state[p][key], value), (key, p.shape)
+    assert interpreter["fused_step"] > 0
+
+
+def test_interpreted_non_finite_gradient_changes_nothing(interpreter):
+    params, opt = _run("triton", steps=1)
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+              for p in params]
+    gen = torch.Generator().manual_seed(1)
+    for p, g in zip(params, _grads(gen, torch.float32), strict=True):
+        p.grad = g
+    params[0].grad[3, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    for p, b, st in zip(params, before, states, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+        assert opt.state[p]["step"] == 1
