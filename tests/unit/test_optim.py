@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from plasticity.optim import AdamW4bit, optimizer_state_bytes
+from tests.unit.optim_inputs import outlier_grad
 
 # The paper's maps, written out again here (not imported) for an independent reference.
 SIGNED = np.array([-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
@@ -24,18 +25,6 @@ UNSIGNED = (np.arange(16) + 1) / 16.0
 ROOT = Path(__file__).resolve().parents[2]
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 SHAPES = [(300, 257), (64, 96), (6, 7, 130), (5001,), (3, 4, 5, 67), (40, 50)]
-
-
-def _grad(shape, gen):
-    """Random gradient with row/column scale structure and large outliers."""
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    if len(shape) >= 2:
-        g = g * torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=gen, dtype=torch.float64) * 3
-        g = g * torch.rand(shape[-1], generator=gen, dtype=torch.float64)
-    flat = g.view(-1)
-    idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=gen)
-    flat[idx] *= 100.0
-    return g.float()
 
 
 def _unpack(packed: torch.Tensor, n: int) -> np.ndarray:
@@ -198,7 +187,7 @@ def test_steps_match_a_float64_reference(second_moment, backend, scale_dtype):
     for t in range(1, 4):
         refs = []
         for p in params:
-            p.grad = _grad(tuple(p.shape), gen)
+            p.grad = outlier_grad(tuple(p.shape), gen)
             kind = _kind(tuple(p.shape), second_moment)
             st = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
             refs.append((kind, _reference_step(p.detach(), p.grad, st, kind, t,
@@ -261,7 +250,7 @@ def _check_identical_bits(block_size, scale_dtype="float32"):
                             block_size=block_size, scale_dtype=scale_dtype, **HP)
             for _ in range(4):
                 for p in ps:
-                    g = _grad(tuple(p.shape), gen)
+                    g = outlier_grad(tuple(p.shape), gen)
                     if g.dim() >= 2 and g.shape[0] > 2:
                         # Second moments of subnormal size (their scales too) and of zero.
                         g[0] *= 1e-20

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from plasticity.optim import AdamW4bit
+from tests.unit.optim_inputs import outlier_grad
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,15 +18,7 @@ HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, min_quantized_
 
 
 def _grads(gen):
-    out = []
-    for s in SHAPES:
-        g = torch.randn(s, generator=gen)
-        if len(s) >= 2:
-            g = g * torch.rand(s[0], *([1] * (len(s) - 1)), generator=gen) * 3
-        flat = g.view(-1)
-        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=gen)] *= 100
-        out.append(g)
-    return out
+    return [outlier_grad(s, gen) for s in SHAPES]
 
 
 def _run(device, backend, second_moment, dtype=torch.float32, steps=3):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from plasticity.optim import AdamW4bit, _triton
+from tests.unit.optim_inputs import outlier_grad
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_optim_triton_interpret.py with TRITON_INTERPRET=1",
@@ -44,11 +45,7 @@ def interpreter(monkeypatch):
 def _grads(gen, dtype):
     out = []
     for s in SHAPES:
-        g = torch.randn(s, generator=gen)
-        if len(s) >= 2:
-            g = g * torch.rand(s[0], *([1] * (len(s) - 1)), generator=gen) * 3
-        flat = g.view(-1)
-        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=gen)] *= 100
+        g = outlier_grad(s, gen)
         g[0] *= 1e-20  # second moments (and their scales) of subnormal size
         out.append(g.to(dtype))
     return out

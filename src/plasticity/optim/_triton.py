@@ -38,8 +38,8 @@ def interpreted() -> bool:
 
     Slow (a debugging aid), but exact: without fused multiply-adds the interpreted kernels give
     the C++ kernel's results bit for bit, which tests/unit/test_optim_triton_interpret.py
-    checks on machines without a GPU. Kernels are built on first use, so set the variable
-    before the first step (or call `_kernels.cache_clear()`).
+    checks on machines without a GPU. Triton fixes the mode when `triton.language` is first
+    imported, so set the variable before that (in practice, before the process starts).
     """
     flag = os.environ.get("TRITON_INTERPRET", "").strip().lower()
     return flag in ("1", "true", "yes", "on") and _importable()
