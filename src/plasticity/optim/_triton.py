@@ -1,21 +1,37 @@
-"""Triton kernels of `AdamW4bit` for CUDA tensors (float32, bfloat16 or float16 params).
+"""Host side of `AdamW4bit`'s Triton kernels (CUDA tensors: float32, bfloat16 or float16).
 
-The same two passes as the C++ kernel: `rank1_stats` (row and column maxima of the new second
-moment, tiles reduced in registers and merged with atomic max, plus a non-finite count) and
-`fused_step` (per 128-element block: dequantize, update, requantize; several blocks per
-program). Results agree with the CPU path to float32 rounding (the GPU may fuse multiply-adds),
-not bit for bit; tests/unit/test_optim_gpu.py checks them against it. Under Triton's
-interpreter (`TRITON_INTERPRET=1`, see `interpreted`) the same kernels run on CPU tensors.
+A step takes a fixed number of launches however many tensors it updates: the kernels
+(`_triton_kernels`) are multi-tensor, each program looking up its tensor in a table built here
+once per step. Pass 1 (`stats`): the row and column maxima of every rank-1 tensor's new second
+moment, and a count of non-finite entries per tensor; pass 2 (`fused_step`): dequantize,
+update, requantize (or update float32 moments), grouped by second-moment mode, parameter and
+gradient dtype, and block size. Launched without fused multiply-adds and with correctly
+rounded division and square root, the kernels compute what the C++ kernel computes, operation
+for operation; tests/unit/test_optim_gpu.py compares them bit for bit on CUDA, and
+tests/unit/test_optim_triton_ptx.py checks the compiled code for fused or approximate
+arithmetic without a GPU. Under Triton's interpreter (`TRITON_INTERPRET=1`, see
+`interpreted`) the same kernels run on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from plasticity.optim import quant
+
+# Options of every launch: no fused multiply-adds, so results round as on the CPU.
+LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_NUMEL = 2**31 - 1  # element indices are divided in int32 inside the kernels
+STATS_TILE = (16, 128)  # rows x columns of a rank1_stats program
+FLAT_BLOCK = 2048  # elements per program of the non-finite count
+NI, NF = 16, 8  # int64 and float32 fields per tensor (see _triton_kernels)
 
 
 @functools.cache
@@ -50,168 +66,181 @@ def supports(block: int) -> bool:
     return block >= 16 and block & (block - 1) == 0
 
 
+def handles(p: torch.Tensor) -> bool:
+    """Whether the kernels can update parameter `p` (dtype, layout, size)."""
+    return p.dtype in KINDS and p.is_contiguous() and p.numel() <= MAX_NUMEL
+
+
 @functools.cache
-def _kernels():
-    import triton
-    import triton.language as tl
+def kernels():
+    from plasticity.optim import _triton_kernels
 
-    @triton.jit
-    def rank1_stats_kernel(g_ptr, vc_ptr, row_old_ptr, col_old_ptr, row_max_ptr, col_max_ptr,
-                           bad_ptr, rows, cols, b2, omb2, FRESH: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr):
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        offs_r = pid_r * BR + tl.arange(0, BR)
-        offs_c = pid_c * BC + tl.arange(0, BC)
-        rmask = offs_r < rows
-        cmask = offs_c < cols
-        mask = rmask[:, None] & cmask[None, :]
-        e = offs_r.to(tl.int64)[:, None] * cols + offs_c[None, :]
-        g = tl.load(g_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        if FRESH:
-            vo = tl.zeros((BR, BC), dtype=tl.float32)
-        else:
-            byte = tl.load(vc_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-            code = (byte >> ((e & 1) * 4).to(tl.int32)) & 15
-            ro = tl.load(row_old_ptr + offs_r, mask=rmask, other=0.0)
-            co = tl.load(col_old_ptr + offs_c, mask=cmask, other=0.0)
-            s = tl.minimum(ro[:, None], co[None, :])
-            vo = ((code.to(tl.float32) + 1.0) * 0.0625) * s
-        v = vo * b2 + (g * g) * omb2
-        v = tl.where(mask, v, 0.0)
-        nonfinite = (v != v) | (v == float("inf"))
-        tl.atomic_add(bad_ptr, tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0))
-        tl.atomic_max(row_max_ptr + offs_r, tl.max(v, axis=1), mask=rmask)
-        tl.atomic_max(col_max_ptr + offs_c, tl.max(v, axis=0), mask=cmask)
-
-    @triton.jit
-    def step_kernel(p_ptr, g_ptr, mc_ptr, ms_ptr, vc_ptr, vs_ptr, row_old_ptr, col_old_ptr,
-                    row_new_ptr, col_new_ptr, smap_ptr, smid_ptr, n, nbytes, nblocks, cols, rpb,
-                    decay, b1, omb1, b2, omb2, ibc2, eps, ss,
-                    MODE: tl.constexpr, FRESH: tl.constexpr, BLOCK: tl.constexpr,
-                    NB: tl.constexpr):
-        HALF: tl.constexpr = BLOCK // 2
-        pid = tl.program_id(0)
-        blk = pid * NB + tl.arange(0, NB)
-        bvalid = blk < nblocks
-        offs = blk.to(tl.int64)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = offs < n
-        boffs = blk.to(tl.int64)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        bmask = boffs < nbytes
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if MODE != 1:
-            i = offs // cols
-            j = offs - i * cols
-        if FRESH:
-            mo = tl.zeros((NB, BLOCK), dtype=tl.float32)
-        else:
-            mb = tl.load(mc_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-            mcode = tl.interleave(mb & 15, mb >> 4)
-            ms_old = tl.load(ms_ptr + blk, mask=bvalid, other=0.0)
-            mo = tl.load(smap_ptr + mcode) * ms_old[:, None]
-        m = mo * b1 + g * omb1
-        if MODE == 2:
-            rf = tl.load(row_new_ptr + i, mask=mask, other=0.0)
-            cf = tl.load(col_new_ptr + (i // rpb) * cols + j, mask=mask, other=0.0)
-            v = rf * cf
-        else:
-            if FRESH:
-                vo = tl.zeros((NB, BLOCK), dtype=tl.float32)
-            else:
-                vb = tl.load(vc_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-                vcode = tl.interleave(vb & 15, vb >> 4).to(tl.float32)
-                if MODE == 0:
-                    so = tl.minimum(tl.load(row_old_ptr + i, mask=mask, other=0.0),
-                                    tl.load(col_old_ptr + j, mask=mask, other=0.0))
-                    vo = ((vcode + 1.0) * 0.0625) * so
-                else:
-                    vs_old = tl.load(vs_ptr + blk, mask=bvalid, other=0.0)
-                    vo = ((vcode + 1.0) * 0.0625) * vs_old[:, None]
-            v = vo * b2 + (g * g) * omb2
-        den = tl.sqrt_rn(v) * ibc2 + eps
-        p = p * decay
-        p = p - tl.div_rn(m, den) * ss
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-        # First moment: fresh block scales, nearest code by binary search on the boundaries.
-        m = tl.where(mask, m, 0.0)
-        ms_new = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)
-        tl.store(ms_ptr + blk, ms_new, mask=bvalid)
-        x = m * (1.0 / ms_new)[:, None]
-        idx = tl.zeros((NB, BLOCK), dtype=tl.int32)
-        for step in tl.static_range(4):
-            width = 8 >> step
-            probe = tl.load(smid_ptr + idx + (width - 1))
-            idx = tl.where(x > probe, idx + width, idx)
-        idx = tl.where(mask, idx, 0)
-        lo, hi = tl.split(tl.reshape(idx, (NB, HALF, 2)))
-        tl.store(mc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
-        if MODE != 2:
-            v = tl.where(mask, v, 0.0)
-            if MODE == 1:
-                vs_new = tl.max(v, axis=1)
-                tl.store(vs_ptr + blk, vs_new, mask=bvalid)
-                # quant.inv_or_zero: the scale floored at the smallest normal float
-                inv = tl.where(vs_new > 0, 1.0 / tl.maximum(vs_new, 1.1754943508222875e-38), 0.0)[:, None]
-            else:
-                inv = tl.maximum(tl.load(row_new_ptr + i, mask=mask, other=0.0),
-                                 tl.load(col_new_ptr + j, mask=mask, other=0.0))
-            xv = v * inv
-            c = tl.ceil(xv * 16.0 - 0.5) - 1.0
-            c = tl.minimum(tl.maximum(c, 0.0), 15.0).to(tl.int32)
-            c = tl.where(mask, c, 0)
-            lo, hi = tl.split(tl.reshape(c, (NB, HALF, 2)))
-            tl.store(vc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
-
-    return rank1_stats_kernel, step_kernel
+    return _triton_kernels
 
 
-def rank1_stats(grad, v_codes, row_scale, col_scale, cols: int, fresh: bool, beta2: float):
-    kernel, _ = _kernels()
-    n = grad.numel()
-    rows = n // cols
-    dev = grad.device
-    row_max = torch.zeros(rows, device=dev, dtype=torch.float32)
-    col_max = torch.zeros(cols, device=dev, dtype=torch.float32)
-    bad = torch.zeros(1, device=dev, dtype=torch.int32)
-    br, bc = 16, 128
-    grid = (-(-rows // br), -(-cols // bc))
-    dummy = torch.zeros(1, device=dev, dtype=torch.float32)
-    kernel[grid](
-        grad, v_codes if v_codes.numel() else torch.zeros(1, device=dev, dtype=torch.uint8),
-        row_scale if row_scale.numel() else dummy, col_scale if col_scale.numel() else dummy,
-        row_max, col_max, bad, rows, cols, float(beta2), float(1.0 - beta2),
-        FRESH=bool(fresh), BR=br, BC=bc, num_warps=4,
-    )
-    return row_max, col_max, bad[0] == 0
+def _launch(kernel, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    """Every launch goes through here (tests record the launches to compile them)."""
+    kernel[grid](*args, **constexprs, **LAUNCH)
 
 
-def fused_step(param, grad, m_codes, m_scale, v_codes, v_scale, row_old, col_old, row_new,
-               col_new, mode: int, cols: int, rows_per_batch: int, fresh: bool, decay: float,
-               beta1: float, beta2: float, inv_bc2_sqrt: float, eps: float, step_size: float,
-               block: int) -> None:
-    _, kernel = _kernels()
+@functools.lru_cache(maxsize=32)
+def _programs(device: torch.device, counts: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Tensor index of each program (int32, on `device`) and each tensor's first program."""
+    first, total = [], 0
+    for c in counts:
+        first.append(total)
+        total += c
+    prog = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                   torch.tensor(counts, dtype=torch.int64))
+    return prog.to(device), tuple(first)
+
+
+def _addr(t: torch.Tensor | None, dummy: torch.Tensor) -> int:
+    return (t if t is not None and t.numel() else dummy).data_ptr()
+
+
+def _aligned(size: int, *tensors: torch.Tensor | None) -> bool:
+    """Sizes a multiple of 32 and every given tensor 16-byte aligned: the kernels' vector path."""
+    return size % 32 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+@dataclass
+class Rank1Stats:
+    """Pass 1 of one rank-1 tensor: its gradient, and its old second moment unless fresh."""
+
+    grad: torch.Tensor
+    cols: int
+    beta2: float
+    v_codes: torch.Tensor | None = None
+    row_old: torch.Tensor | None = None
+    col_old: torch.Tensor | None = None
+
+
+def stats(rank1: Sequence[Rank1Stats], flat: Sequence[torch.Tensor], device: torch.device
+          ) -> tuple[torch.Tensor, list[tuple[slice, slice]], torch.Tensor]:
+    """Pass 1 for a step: (maxima, where, bad).
+
+    `maxima` is one float32 buffer holding every rank-1 tensor's new row maxima then column
+    maxima (`where[i]` = their slices); `bad` counts non-finite entries per tensor, rank-1
+    tensors first (of the new second moment), then `flat` (of the gradient)."""
+    k = kernels()
+    dummy = torch.zeros(4, device=device)
+    bad = torch.zeros(len(rank1) + len(flat), device=device, dtype=torch.int32)
+    where, size = [], 0
+    for it in rank1:
+        rows = it.grad.numel() // it.cols
+        where.append((slice(size, size + rows), slice(size + rows, size + rows + it.cols)))
+        size += rows + it.cols
+    maxima = torch.zeros(size, device=device, dtype=torch.float32)
+    br, bc = STATS_TILE
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, it in enumerate(rank1):
+        key = (KINDS[it.grad.dtype], _aligned(it.cols, it.grad, it.v_codes))
+        groups.setdefault(key, []).append(i)
+    for (gkind, aligned), idx in groups.items():
+        counts = []
+        for i in idx:
+            rows = rank1[i].grad.numel() // rank1[i].cols
+            counts.append(_ceil_div(rows, br) * _ceil_div(rank1[i].cols, bc))
+        prog, first = _programs(device, tuple(counts))
+        imeta, fmeta = [], []
+        for i, pid0 in zip(idx, first, strict=True):
+            it, (rs, cs) = rank1[i], where[i]
+            row = [0] * NI
+            row[1] = it.grad.data_ptr()
+            row[4] = _addr(it.v_codes, dummy)
+            row[6], row[7] = _addr(it.row_old, dummy), _addr(it.col_old, dummy)
+            row[8], row[9] = maxima[rs].data_ptr(), maxima[cs].data_ptr()
+            row[10], row[11] = it.grad.numel(), it.cols
+            row[13], row[14], row[15] = int(it.v_codes is None), pid0, i
+            imeta += row
+            fmeta += [0.0, 0.0, 0.0, it.beta2, 1.0 - it.beta2, 0.0, 0.0, 0.0]
+        _launch(k.rank1_stats_kernel, (prog.numel(),), _ints(imeta, device),
+                _floats(fmeta, device), prog, bad, G_KIND=gkind, BR=br, BC=bc, ALIGNED=aligned)
+    fgroups: dict[tuple[int, bool], list[int]] = {}
+    for i, g in enumerate(flat):
+        fgroups.setdefault((KINDS[g.dtype], _aligned(g.numel(), g)), []).append(i)
+    for (gkind, aligned), idx in fgroups.items():
+        prog, first = _programs(device, tuple(_ceil_div(flat[i].numel(), FLAT_BLOCK) for i in idx))
+        imeta = []
+        for i, pid0 in zip(idx, first, strict=True):
+            row = [0] * NI
+            row[1], row[10], row[14], row[15] = flat[i].data_ptr(), flat[i].numel(), pid0, len(rank1) + i
+            imeta += row
+        _launch(k.nonfinite_kernel, (prog.numel(),), _ints(imeta, device), prog, bad,
+                G_KIND=gkind, BLOCK=FLAT_BLOCK, ALIGNED=aligned)
+    return maxima, where, bad
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ints(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    # Rounded to float32 once, on the host, as the C++ kernel rounds its double arguments.
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
+@dataclass
+class Step:
+    """Pass 2 of one tensor. `mode`: 0 rank1, 1 block, 2 factor, 3 float32 moments.
+
+    m, v: codes (uint8) for modes 0-2 (no v for factor), the float32 moments for mode 3;
+    rank1 takes 1 / new scale in row_new and col_new, factor its row factor and column
+    statistics."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    mode: int
+    fresh: bool
+    consts: tuple[float, float, float, float, float, float]  # decay, b1, b2, 1/sqrt(bc2), eps, lr/bc1
+    m: torch.Tensor
+    m_scale: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    row_old: torch.Tensor | None = None
+    col_old: torch.Tensor | None = None
+    row_new: torch.Tensor | None = None
+    col_new: torch.Tensor | None = None
+    cols: int = 1
+    rows_per_matrix: int = 1
+    keep: list[torch.Tensor] = field(default_factory=list)
+
+
+def fused_step(items: Sequence[Step], block: int, device: torch.device) -> None:
+    """Pass 2 for a step: one launch per (mode, parameter dtype, gradient dtype, alignment)."""
     if not supports(block):
         raise ValueError(f"block_size: the Triton kernel needs a power of two >= 16, got {block}")
-    dev = param.device
-    n = param.numel()
-    nblocks = -(-n // block)
+    k = kernels()
     nb = max(1, min(8, 2048 // block))
-    dummy = torch.zeros(1, device=dev, dtype=torch.float32)
-    dummy_u8 = torch.zeros(1, device=dev, dtype=torch.uint8)
-    if mode == 0:
-        row_new, col_new = quant.inv_or_zero(row_new), quant.inv_or_zero(col_new)
-
-    def nz(t, d):
-        return t if t.numel() else d
-
-    smap = quant.SIGNED_MAP.to(dev)
-    smid = torch.cat([quant.SIGNED_MIDS, torch.tensor([float("inf")])]).to(dev)
-    kernel[(-(-nblocks // nb),)](
-        param, grad, m_codes, m_scale, nz(v_codes, dummy_u8), nz(v_scale, dummy),
-        nz(row_old, dummy), nz(col_old, dummy), nz(row_new, dummy), nz(col_new, dummy),
-        smap, smid, n, quant.packed_bytes(n), nblocks, max(cols, 1), max(rows_per_batch, 1),
-        float(decay), float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
-        float(inv_bc2_sqrt), float(eps), float(step_size),
-        MODE=int(mode), FRESH=bool(fresh), BLOCK=block, NB=nb, num_warps=4,
-    )
+    dummy = torch.zeros(4, device=device)
+    smap = quant.SIGNED_MAP.to(device)
+    smid = torch.cat([quant.SIGNED_MIDS, torch.tensor([float("inf")])]).to(device)
+    groups: dict[tuple[int, int, int, bool], list[Step]] = {}
+    for it in items:
+        aligned = _aligned(it.param.numel(), it.param, it.grad, it.m, it.v)
+        groups.setdefault((it.mode, KINDS[it.param.dtype], KINDS[it.grad.dtype], aligned),
+                          []).append(it)
+    for (mode, pkind, gkind, aligned), group in groups.items():
+        counts = [_ceil_div(_ceil_div(it.param.numel(), block), nb) for it in group]
+        prog, first = _programs(device, tuple(counts))
+        imeta, fmeta = [], []
+        for it, pid0 in zip(group, first, strict=True):
+            row = [0] * NI
+            row[0], row[1] = it.param.data_ptr(), it.grad.data_ptr()
+            row[2], row[3] = _addr(it.m, dummy), _addr(it.m_scale, dummy)
+            row[4], row[5] = _addr(it.v, dummy), _addr(it.v_scale, dummy)
+            row[6], row[7] = _addr(it.row_old, dummy), _addr(it.col_old, dummy)
+            row[8], row[9] = _addr(it.row_new, dummy), _addr(it.col_new, dummy)
+            row[10], row[11], row[12] = it.param.numel(), max(it.cols, 1), max(it.rows_per_matrix, 1)
+            row[13], row[14] = int(it.fresh), pid0
+            imeta += row
+            decay, b1, b2, ibc2, eps, ss = it.consts
+            fmeta += [decay, b1, 1.0 - b1, b2, 1.0 - b2, ibc2, eps, ss]
+        _launch(k.step_kernel, (prog.numel(),), _ints(imeta, device), _floats(fmeta, device),
+                prog, smap, smid, MODE=mode, P_KIND=pkind, G_KIND=gkind, BLOCK=block, NB=nb,
+                ALIGNED=aligned)

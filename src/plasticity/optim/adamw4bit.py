@@ -156,6 +156,20 @@ def _row_scale(maxes: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     return s.expand(lead).reshape(-1).contiguous()
 
 
+def _step_constants(group: dict[str, Any], t: int) -> tuple[float, float, float, float, float, float]:
+    """decay, beta1, beta2, 1 / sqrt(1 - beta2^t), eps, lr / (1 - beta1^t) for step t."""
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    b1, b2 = group["betas"]
+    return (1.0 - lr * wd, b1, b2, 1.0 / math.sqrt(1.0 - b2**t), eps, lr / (1.0 - b1**t))
+
+
+def _by_device(batch: list[tuple]) -> dict[torch.device, list[int]]:
+    out: dict[torch.device, list[int]] = {}
+    for i, item in enumerate(batch):
+        out.setdefault(item[1].device, []).append(i)
+    return out
+
+
 def _dim_maxes(row_max: torch.Tensor, col_max: torch.Tensor, shape: torch.Size) -> list[torch.Tensor]:
     lead = shape[:-1]
     if len(lead) == 1:
@@ -260,7 +274,7 @@ class AdamW4bit(torch.optim.Optimizer):
             # Forced "triton" on CPU tensors under TRITON_INTERPRET=1: the kernels, interpreted.
             interpreted = (self.backend == "triton" and p.device.type == "cpu"
                            and _triton.interpreted())
-            if (on_device or interpreted) and _triton.supports(block):
+            if (on_device or interpreted) and _triton.supports(block) and _triton.handles(p):
                 return "triton"
         if (p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
                 and self.backend in ("auto", "cpp")):
@@ -303,7 +317,7 @@ class AdamW4bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
+        work, batch = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -315,13 +329,18 @@ class AdamW4bit(torch.optim.Optimizer):
                     raise ValueError("grad: AdamW4bit does not support complex gradients")
                 kind = self.layout(p, group)
                 backend = self._backend_for(p, group["block_size"], group.get("scale_dtype", "float32"))
+                if backend == "triton":  # stepped together, in a few launches
+                    batch.append((group, p, g, kind))
+                    continue
                 plan = self._pass_stats(p, g, group, kind, backend)
                 work.append((group, p, g, kind, backend, plan))
-        if not work:
+        if not work and not batch:
             return loss
-        ok = _all_flags([w[5]["finite"] for w in work])
+        plans, batch_ok = self._triton_stats(batch)
+        ok = _all_flags([w[5]["finite"] for w in work]) + batch_ok
         if not all(ok):
-            bad = [f"#{i} {tuple(w[1].shape)}" for i, (w, good) in enumerate(zip(work, ok, strict=True)) if not good]
+            shapes = [w[1].shape for w in work] + [b[1].shape for b in batch]
+            bad = [f"#{i} {tuple(s)}" for i, (s, good) in enumerate(zip(shapes, ok, strict=True)) if not good]
             self.skipped_steps += 1
             msg = (f"AdamW4bit: non-finite gradient in {len(bad)} parameter(s) "
                    f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the step was not "
@@ -332,7 +351,92 @@ class AdamW4bit(torch.optim.Optimizer):
             return loss
         for group, p, g, kind, backend, plan in work:
             self._pass_update(p, g, group, kind, backend, plan)
+        self._triton_update(batch, plans)
         return loss
+
+    # ------------------------------------------------------------------ Triton (multi-tensor)
+    def _triton_stats(self, batch: list[tuple]) -> tuple[list[dict[str, Any]], list[bool]]:
+        """Pass 1 of the Triton path for every tensor in `batch`: per tensor a plan and
+        whether its gradient (and new second moment) is finite. Writes nothing."""
+        from plasticity.optim import _triton
+
+        plans: list[dict[str, Any]] = [{} for _ in batch]
+        ok = [True] * len(batch)
+        for dev, idx in _by_device(batch).items():
+            rank1, flat, r_idx, f_idx, factor = [], [], [], [], []
+            for i in idx:
+                group, p, g, kind = batch[i]
+                g = g.contiguous() if g.dtype in _triton.KINDS else g.float().contiguous()
+                plans[i]["grad"] = g
+                st = self.state.get(p) or None
+                fresh = st is None or st["step"] == 0
+                if kind == "rank1":
+                    row_old = col_old = vcodes = None
+                    if not fresh:
+                        row_old, col_old, _ = self._old_rank1_scales(st, p.shape, dev)
+                        vcodes = st["exp_avg_sq_codes"]
+                    plans[i].update(row_old=row_old, col_old=col_old)
+                    rank1.append(_triton.Rank1Stats(g, p.shape[-1], group["betas"][1], vcodes,
+                                                    row_old, col_old))
+                    r_idx.append(i)
+                elif kind == "factor":
+                    plans[i].update(self._pass_stats(p, g, group, kind, "triton"))
+                    factor.append(i)
+                else:
+                    flat.append(g)
+                    f_idx.append(i)
+            maxima, where, bad = _triton.stats(rank1, flat, dev)
+            for i, n_bad in zip(r_idx + f_idx, bad.tolist(), strict=True):
+                ok[i] = n_bad == 0
+            for i, good in zip(factor, _all_flags([plans[i]["finite"] for i in factor]), strict=True):
+                ok[i] = good
+            inv = quant.inv_or_zero(maxima)
+            for i, (rs, cs) in zip(r_idx, where, strict=True):
+                shape = batch[i][1].shape
+                maxes = _dim_maxes(maxima[rs], maxima[cs], shape)
+                row_inv = inv[rs] if len(shape) == 2 else quant.inv_or_zero(_row_scale(maxes[:-1], shape))
+                plans[i].update(maxes=maxes, row_inv=row_inv, col_inv=inv[cs])
+        return plans, ok
+
+    def _triton_update(self, batch: list[tuple], plans: list[dict[str, Any]]) -> None:
+        """Pass 2 of the Triton path: one launch per (block size, mode, dtypes) and device."""
+        from plasticity.optim import _triton
+
+        for dev, idx in _by_device(batch).items():
+            steps: dict[int, list[Any]] = {}
+            copy_to, copy_from = [], []
+            for i in idx:
+                group, p, _, kind = batch[i]
+                plan, block = plans[i], group["block_size"]
+                st = self.state[p]
+                if not st:
+                    st.update(self._init_state(p, kind, block, group.get("scale_dtype", "float32")))
+                sc = _step_constants(group, st["step"] + 1)
+                item = _triton.Step(p, plan["grad"], 3 if kind == "fp32" else _MODE[kind],
+                                    st["step"] == 0, sc, st.get("exp_avg_codes"),
+                                    st.get("exp_avg_scale"), st.get("exp_avg_sq_codes"),
+                                    st.get("exp_avg_sq_scale"))
+                if kind == "fp32":
+                    item.m, item.v = st["exp_avg"], st["exp_avg_sq"]
+                elif kind == "rank1":
+                    item.row_old, item.col_old = plan["row_old"], plan["col_old"]
+                    item.row_new, item.col_new, item.cols = plan["row_inv"], plan["col_inv"], p.shape[-1]
+                    for k, mx in enumerate(plan["maxes"]):
+                        copy_to.append(st[f"exp_avg_sq_max{k}"])
+                        copy_from.append(mx)
+                elif kind == "factor":
+                    item.row_new = plan["row_factor"]
+                    item.col_new = plan["c_new"].reshape(-1).contiguous()
+                    item.cols, item.rows_per_matrix = p.shape[-1], p.shape[-2]
+                    copy_to += [st["exp_avg_sq_row"].view(-1), st["exp_avg_sq_col"].view(-1)]
+                    copy_from += [plan["r_new"].reshape(-1), plan["c_new"].reshape(-1)]
+                steps.setdefault(block, []).append(item)
+            for block, items in steps.items():
+                _triton.fused_step(items, block, dev)
+            if copy_to:  # after the step, which reads the old rank-1 scales
+                torch._foreach_copy_(copy_to, copy_from)
+            for i in idx:
+                self.state[batch[i][1]]["step"] += 1
 
     def _squares_scratch(self, g3: torch.Tensor) -> torch.Tensor | None:
         """A reusable CPU buffer for `_mean_squares` (not optimizer state: never saved)."""
@@ -366,11 +470,6 @@ class AdamW4bit(torch.optim.Optimizer):
                 row_max, col_max, finite = _cpu.load().rank1_stats(
                     g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2)
                 finite = bool(finite.item())
-            elif backend == "triton":
-                from plasticity.optim import _triton
-
-                row_max, col_max, finite = _triton.rank1_stats(
-                    g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2)
             else:
                 gf = g.reshape(-1).float()
                 vnew = self._v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2)
@@ -419,12 +518,8 @@ class AdamW4bit(torch.optim.Optimizer):
         if not st:
             st.update(self._init_state(p, kind, block, group.get("scale_dtype", "float32")))
         t = st["step"] + 1
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        b1, b2 = group["betas"]
-        sc = dict(
-            decay=1.0 - lr * wd, beta1=b1, beta2=b2,
-            inv_bc2_sqrt=1.0 / math.sqrt(1.0 - b2**t), eps=eps, step_size=lr / (1.0 - b1**t),
-        )
+        sc = dict(zip(("decay", "beta1", "beta2", "inv_bc2_sqrt", "eps", "step_size"),
+                      _step_constants(group, t), strict=True))
         if kind == "fp32" and backend == "cpp" and g.dtype == torch.float32:
             from plasticity.optim import _cpu
 
@@ -480,14 +575,9 @@ class AdamW4bit(torch.optim.Optimizer):
         args = (st["exp_avg_codes"], st["exp_avg_scale"], v_codes, v_scale, row_old, col_old,
                 row_new, col_new, _MODE[kind], cols, rpb, fresh, sc["decay"], sc["beta1"],
                 sc["beta2"], sc["inv_bc2_sqrt"], sc["eps"], sc["step_size"], block)
-        if backend == "cpp":
-            from plasticity.optim import _cpu
+        from plasticity.optim import _cpu
 
-            _cpu.load().fused_step(p.data, g.contiguous(), *args)
-        else:
-            from plasticity.optim import _triton
-
-            _triton.fused_step(p.data, g.contiguous(), *args)
+        _cpu.load().fused_step(p.data, g.contiguous(), *args)
 
     def _update_quantized_torch(self, p, g, st, kind, plan, sc, block) -> None:
         n = p.numel()

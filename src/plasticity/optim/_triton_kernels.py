@@ -1,0 +1,266 @@
+"""The Triton kernels of `AdamW4bit` (imported by `_triton` only when Triton is present).
+
+Every kernel is multi-tensor: one launch covers many parameter tensors. Each program reads
+which tensor it works on from `prog` (tensor index per program) and that tensor's row of two
+tables built on the host each step:
+
+- `imeta` (int64, `NI` per tensor): addresses of the tensors it reads and writes, sizes,
+  whether its moments are fresh (step 0), and the first program of the tensor;
+- `fmeta` (float32, `NF` per tensor): the step's constants (they differ between parameter
+  groups, and between tensors whose step counts differ).
+
+The arithmetic is the C++ kernel's, operation for operation: launched with
+`enable_fp_fusion=False`, correctly rounded division and square root, so on a GPU the
+results equal the CPU path's bit for bit (bf16 parameters: the float32 update rounded once).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# imeta fields
+P = tl.constexpr(0)  # parameter (P_KIND)
+G = tl.constexpr(1)  # gradient (G_KIND)
+MC = tl.constexpr(2)  # first-moment codes (uint8) | exp_avg (float32, mode 3)
+MS = tl.constexpr(3)  # first-moment block scales | (unused)
+VC = tl.constexpr(4)  # second-moment codes (uint8) | exp_avg_sq (float32, mode 3)
+VS = tl.constexpr(5)  # second-moment block scales (mode 1)
+RO = tl.constexpr(6)  # rank1: old row scale
+CO = tl.constexpr(7)  # rank1: old column scale
+RN = tl.constexpr(8)  # rank1: 1 / new row scale (step), new row maxima (stats); factor: row factor
+CN = tl.constexpr(9)  # rank1: 1 / new column scale (step), new column maxima (stats); factor: C
+N = tl.constexpr(10)  # elements
+COLS = tl.constexpr(11)  # last dimension (rank1, factor)
+RPB = tl.constexpr(12)  # rows per matrix (factor)
+FRESH = tl.constexpr(13)  # 1 at the first step: both moments start at exactly zero
+PID0 = tl.constexpr(14)  # first program of this tensor in the launch
+BAD = tl.constexpr(15)  # its slot in the non-finite counts (pass 1)
+NI_ = 16
+NI = tl.constexpr(NI_)
+# fmeta fields
+DECAY, B1, OMB1, B2, OMB2, IBC2, EPS, SS = (tl.constexpr(i) for i in range(8))
+NF_ = 8
+NF = tl.constexpr(NF_)
+TINY = tl.constexpr(1.1754943508222875e-38)  # quant.TINY, the smallest normal float
+
+
+@triton.jit
+def _ptr(addr, KIND: tl.constexpr):
+    """An address from imeta as a typed pointer: 0 float32, 1 bfloat16, 2 float16, 3 uint8."""
+    if KIND == 0:
+        return addr.to(tl.pointer_type(tl.float32))
+    elif KIND == 1:
+        return addr.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        return addr.to(tl.pointer_type(tl.float16))
+    else:
+        return addr.to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
+def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl.constexpr,
+                       BC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row and column maxima of the new second moment (atomic max into RN, CN, which start at
+    zero) and the count of its non-finite entries (into bad_ptr[BAD]); writes nothing else.
+
+    ALIGNED (the host checked: gradient and codes 16-byte aligned, columns a multiple of 32)
+    lets the compiler use 16-byte loads and reads each code byte once."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid).to(tl.int64)
+    row = imeta + t * NI
+    n = tl.load(row + N)
+    cols = tl.load(row + COLS)
+    if ALIGNED:
+        cols = tl.multiple_of(cols, 32)
+    fresh = tl.load(row + FRESH)
+    b2 = tl.load(fmeta + t * NF + B2)
+    omb2 = tl.load(fmeta + t * NF + OMB2)
+    rows = n // cols
+    tiles_c = (cols + BC - 1) // BC
+    local = pid - tl.load(row + PID0)
+    tr = local // tiles_c
+    tc = local - tr * tiles_c
+    offs_r = tr * BR + tl.arange(0, BR)
+    offs_c = tc * BC + tl.arange(0, BC)
+    rmask = offs_r < rows
+    cmask = offs_c < cols
+    mask = rmask[:, None] & cmask[None, :]
+    e = offs_r[:, None] * cols + offs_c[None, :]
+    g_ptr = _ptr(tl.load(row + G), G_KIND)
+    vc_ptr = _ptr(tl.load(row + VC), 3)
+    # (x * 0 + fresh) == 0: "not fresh" as a tensor of x's shape (the interpreter needs one)
+    old = (e * 0 + fresh) == 0
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        vc_ptr = tl.multiple_of(vc_ptr, 16)
+        HALF: tl.constexpr = BC // 2
+        half_c = tc * HALF + tl.arange(0, HALF)
+        bmask = rmask[:, None] & (half_c < cols // 2)[None, :] & ((half_c * 0 + fresh) == 0)[None, :]
+        vb = tl.load(vc_ptr + offs_r[:, None] * (cols // 2) + half_c[None, :], mask=bmask,
+                     other=0).to(tl.int32)
+        code = tl.interleave(vb & 15, vb >> 4)  # columns 2c and 2c + 1 of byte c
+    else:
+        byte = tl.load(vc_ptr + e // 2, mask=mask & old, other=0).to(tl.int32)
+        code = (byte >> ((e & 1) * 4).to(tl.int32)) & 15
+    g = tl.load(g_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    ro = tl.load(_ptr(tl.load(row + RO), 0) + offs_r, mask=rmask & ((offs_r * 0 + fresh) == 0), other=0.0)
+    co = tl.load(_ptr(tl.load(row + CO), 0) + offs_c, mask=cmask & ((offs_c * 0 + fresh) == 0), other=0.0)
+    s = tl.minimum(ro[:, None], co[None, :])
+    vo = tl.where(old, ((code.to(tl.float32) + 1.0) * 0.0625) * s, 0.0)
+    v = vo * b2 + (g * g) * omb2
+    v = tl.where(mask, v, 0.0)
+    nonfinite = (v != v) | (v == float("inf"))
+    tl.atomic_add(bad_ptr + tl.load(row + BAD), tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0))
+    tl.atomic_max(_ptr(tl.load(row + RN), 0) + offs_r, tl.max(v, axis=1), mask=rmask)
+    tl.atomic_max(_ptr(tl.load(row + CN), 0) + offs_c, tl.max(v, axis=0), mask=cmask)
+
+
+@triton.jit
+def nonfinite_kernel(imeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """Counts the non-finite gradient entries of each tensor (into bad_ptr[BAD])."""
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid).to(tl.int64)
+    row = imeta + t * NI
+    n = tl.load(row + N)
+    g_ptr = _ptr(tl.load(row + G), G_KIND)
+    if ALIGNED:
+        n = tl.multiple_of(n, 32)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    offs = (pid - tl.load(row + PID0)) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad = (g != g) | (tl.abs(g) == float("inf"))
+    tl.atomic_add(bad_ptr + tl.load(row + BAD), tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
+                P_KIND: tl.constexpr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
+                NB: tl.constexpr, ALIGNED: tl.constexpr):
+    """One AdamW step on NB blocks of BLOCK elements of one tensor.
+
+    MODE 0 rank1, 1 block, 2 factor (4-bit moments: dequantize, update, requantize with fresh
+    scales), 3 float32 moments. ALIGNED (the host checked: every streamed tensor 16-byte
+    aligned, size a multiple of 32) lets the compiler use 16-byte loads and stores."""
+    HALF: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0)
+    t = tl.load(prog + pid).to(tl.int64)
+    row = imeta + t * NI
+    fr = fmeta + t * NF
+    n = tl.load(row + N)
+    if ALIGNED:
+        n = tl.multiple_of(n, 32)
+        nbytes = tl.multiple_of(n // 2, 16)
+    else:
+        nbytes = (n + 1) // 2
+    fresh = tl.load(row + FRESH)
+    nblocks = (n + BLOCK - 1) // BLOCK
+    blk = (pid - tl.load(row + PID0)) * NB + tl.arange(0, NB)
+    bvalid = blk < nblocks
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offs < n
+    boffs = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    bmask = boffs < nbytes
+    # (x * 0 + fresh) == 0: "not fresh" as a tensor of x's shape (the interpreter needs one)
+    old = (offs * 0 + fresh) == 0
+    decay = tl.load(fr + DECAY)
+    b1 = tl.load(fr + B1)
+    omb1 = tl.load(fr + OMB1)
+    b2 = tl.load(fr + B2)
+    omb2 = tl.load(fr + OMB2)
+    ibc2 = tl.load(fr + IBC2)
+    eps = tl.load(fr + EPS)
+    ss = tl.load(fr + SS)
+    p_ptr = _ptr(tl.load(row + P), P_KIND)
+    g_ptr = _ptr(tl.load(row + G), G_KIND)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 3:
+        m_ptr = _ptr(tl.load(row + MC), 0)
+        v_ptr = _ptr(tl.load(row + VC), 0)
+        if ALIGNED:
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + g * omb1
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (g * g) * omb2
+        den = tl.sqrt_rn(v) * ibc2 + eps
+        p = p * decay - tl.div_rn(m, den) * ss
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+    else:
+        mc_ptr = _ptr(tl.load(row + MC), 3)
+        ms_ptr = _ptr(tl.load(row + MS), 0)
+        vc_ptr = _ptr(tl.load(row + VC), 3)
+        if ALIGNED:
+            mc_ptr = tl.multiple_of(mc_ptr, 16)
+            vc_ptr = tl.multiple_of(vc_ptr, 16)
+        if MODE != 1:
+            cols = tl.load(row + COLS).to(tl.int32)
+            o32 = offs.to(tl.int32)  # tensors on this path have fewer than 2**31 elements
+            i = o32 // cols
+            j = o32 - i * cols
+        mb = tl.load(mc_ptr + boffs, mask=bmask & ((boffs * 0 + fresh) == 0), other=0).to(tl.int32)
+        mcode = tl.interleave(mb & 15, mb >> 4)
+        ms_old = tl.load(ms_ptr + blk, mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
+        mo = tl.where(old, tl.load(smap_ptr + mcode) * ms_old[:, None], 0.0)
+        m = mo * b1 + g * omb1
+        if MODE == 2:
+            rpb = tl.load(row + RPB).to(tl.int32)
+            rf = tl.load(_ptr(tl.load(row + RN), 0) + i, mask=mask, other=0.0)
+            cf = tl.load(_ptr(tl.load(row + CN), 0) + (i // rpb) * cols + j, mask=mask,
+                         other=0.0)
+            v = rf * cf
+        else:
+            vb = tl.load(vc_ptr + boffs, mask=bmask & ((boffs * 0 + fresh) == 0), other=0).to(tl.int32)
+            vcode = tl.interleave(vb & 15, vb >> 4).to(tl.float32)
+            if MODE == 0:
+                so = tl.minimum(
+                    tl.load(_ptr(tl.load(row + RO), 0) + i, mask=mask & old, other=0.0),
+                    tl.load(_ptr(tl.load(row + CO), 0) + j, mask=mask & old, other=0.0))
+            else:
+                vs_old = tl.load(_ptr(tl.load(row + VS), 0) + blk,
+                                 mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
+                so = vs_old[:, None]
+            vo = tl.where(old, ((vcode + 1.0) * 0.0625) * so, 0.0)
+            v = vo * b2 + (g * g) * omb2
+        den = tl.sqrt_rn(v) * ibc2 + eps
+        p = p * decay
+        p = p - tl.div_rn(m, den) * ss
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        # First moment: fresh block scales, nearest code by binary search on the boundaries.
+        m = tl.where(mask, m, 0.0)
+        ms_new = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)
+        tl.store(ms_ptr + blk, ms_new, mask=bvalid)
+        x = m * tl.div_rn(tl.full((NB,), 1.0, tl.float32), ms_new)[:, None]
+        idx = tl.zeros((NB, BLOCK), dtype=tl.int32)
+        for step in tl.static_range(4):
+            width = 8 >> step
+            probe = tl.load(smid_ptr + idx + (width - 1))
+            idx = tl.where(x > probe, idx + width, idx)
+        idx = tl.where(mask, idx, 0)
+        lo, hi = tl.split(tl.reshape(idx, (NB, HALF, 2)))
+        tl.store(mc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
+        if MODE != 2:
+            v = tl.where(mask, v, 0.0)
+            if MODE == 1:
+                vs_new = tl.max(v, axis=1)
+                tl.store(_ptr(tl.load(row + VS), 0) + blk, vs_new, mask=bvalid)
+                # quant.inv_or_zero: the scale floored at the smallest normal float
+                inv = tl.where(vs_new > 0,
+                               tl.div_rn(tl.full((NB,), 1.0, tl.float32),
+                                         tl.maximum(vs_new, TINY)), 0.0)[:, None]
+            else:
+                inv = tl.maximum(tl.load(_ptr(tl.load(row + RN), 0) + i, mask=mask, other=0.0),
+                                 tl.load(_ptr(tl.load(row + CN), 0) + j, mask=mask, other=0.0))
+            xv = v * inv
+            c = tl.ceil(xv * 16.0 - 0.5) - 1.0
+            c = tl.minimum(tl.maximum(c, 0.0), 15.0).to(tl.int32)
+            c = tl.where(mask, c, 0)
+            lo, hi = tl.split(tl.reshape(c, (NB, HALF, 2)))
+            tl.store(vc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
