@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and print its ratios."""
 
-from bench import hooks, optim, sweep, vocab_circuits
+from bench import hooks, optim, optim_host, sweep, vocab_circuits
 
 if __name__ == "__main__":
     hooks.main()
@@ -9,3 +9,4 @@ if __name__ == "__main__":
     # AdamW4bit vs fused fp32 AdamW step (the fine-tuning quality bench, bench.optim_quality,
     # takes about a quarter of an hour and runs on its own).
     optim.main([])
+    optim_host.main([])

@@ -3,6 +3,7 @@ state round trips, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -364,6 +365,25 @@ def test_save_load_continue_is_bit_identical(second_moment, scale_dtype, tmp_pat
     run2(3)
     for a, b in zip(want, model2.parameters(), strict=True):
         assert torch.equal(a, b.detach())
+
+
+def test_a_deep_copy_keeps_its_settings_and_steps_alike():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 96, generator=gen)),
+              torch.nn.Parameter(torch.randn(50, generator=gen))]
+    opt = AdamW4bit(params, min_quantized_numel=100, backend="torch", nonfinite="skip")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    assert (twin["opt"].backend, twin["opt"].nonfinite) == ("torch", "skip")
+    for a, b in zip(params, twin["params"], strict=True):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    opt.step()
+    twin["opt"].step()
+    for a, b in zip(params, twin["params"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_load_keeps_uint8_codes_and_fp32_scales_for_bf16_params():

@@ -150,3 +150,57 @@ def test_interpreted_non_finite_gradient_changes_nothing(interpreter):
         assert torch.equal(p.detach(), b)
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
         assert opt.state[p]["step"] == 1
+
+
+def test_a_kept_plan_follows_the_cpp_kernel(interpreter, monkeypatch):
+    """Gradients written in place keep every address: the plan is built at the first step and
+    again at the second (the moments are no longer fresh), then reused; a learning rate that
+    changes every step (a scheduler) still reaches the kernels."""
+    builds = []
+    original = _triton.Plan.__init__
+
+    def counted(self, *args, **kwargs):
+        builds.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_triton.Plan, "__init__", counted)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    runs = []
+    for backend in ("cpp", "triton"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = AdamW4bit(params, backend=backend, **HP)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p, g in zip(params, _grads(grads, torch.float32), strict=True):
+                p.grad.copy_(g)
+            opt.step()
+            sched.step()
+        runs.append((params, opt))
+    _assert_identical(*runs[0], *runs[1])
+    assert len(builds) == 2
+
+
+def test_a_first_step_with_a_non_finite_gradient_leaves_no_state(interpreter):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    before = [p.detach().clone() for p in params]
+    opt = AdamW4bit(params, backend="triton", **HP)
+    for p, g in zip(params, _grads(gen, torch.float32), strict=True):
+        p.grad = g
+    params[4].grad[7] = float("nan")  # the 1-D tensor: block-wise second moment
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+    assert len(opt.state) == 0
+    params[4].grad[7] = 0.0
+    opt.step()  # and the next step starts from zero moments, as a first step should
+    ref = [torch.nn.Parameter(b.clone()) for b in before]
+    for r, p in zip(ref, params, strict=True):
+        r.grad = p.grad.clone()
+    ref_opt = AdamW4bit(ref, backend="cpp", **HP)
+    ref_opt.step()
+    _assert_identical(ref, ref_opt, params, opt)

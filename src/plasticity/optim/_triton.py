@@ -1,11 +1,14 @@
 """Host side of `AdamW4bit`'s Triton kernels (CUDA tensors: float32, bfloat16 or float16).
 
 A step takes a fixed number of launches however many tensors it updates: the kernels
-(`_triton_kernels`) are multi-tensor, each program looking up its tensor in a table built here
-once per step. Pass 1 (`stats`): the row and column maxima of every rank-1 tensor's new second
-moment, and a count of non-finite entries per tensor; pass 2 (`fused_step`): dequantize,
-update, requantize (or update float32 moments), grouped by second-moment mode, parameter and
-gradient dtype, and block size. Launched without fused multiply-adds and with correctly
+(`_triton_kernels`) are multi-tensor, each program looking up its tensor in a table. A `Plan`
+holds one device's tables, launches and buffers; the optimizer keeps it while the addresses it
+holds stay the same (parameters, gradients, states), so a step in steady state costs the host
+one copy of the step constants, a few launches and one transfer of the non-finite counts.
+Pass 1 (`Plan.check`): the row and column maxima of every rank-1 tensor's new second moment,
+and a count of non-finite entries per tensor; pass 2 (`Plan.step`): dequantize, update,
+requantize (or update float32 moments), one launch per second-moment mode, parameter and
+gradient dtype, block size and alignment. Launched without fused multiply-adds and with correctly
 rounded division and square root, the kernels compute what the C++ kernel computes, operation
 for operation; tests/unit/test_optim_gpu.py compares them bit for bit on CUDA, and
 tests/unit/test_optim_triton_ptx.py checks the compiled code for fused or approximate
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +34,7 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_NUMEL = 2**31 - 1  # element indices are divided in int32 inside the kernels
 STATS_TILE = (16, 128)  # rows x columns of a rank1_stats program
 FLAT_BLOCK = 2048  # elements per program of the non-finite count
-NI, NF = 16, 8  # int64 and float32 fields per tensor (see _triton_kernels)
+NI, NF = 18, 8  # int64 fields per tensor, float32 fields per constants row (_triton_kernels)
 
 
 @functools.cache
@@ -95,81 +98,9 @@ def _programs(device: torch.device, counts: tuple[int, ...]) -> tuple[torch.Tens
     return prog.to(device), tuple(first)
 
 
-def _addr(t: torch.Tensor | None, dummy: torch.Tensor) -> int:
-    return (t if t is not None and t.numel() else dummy).data_ptr()
-
-
 def _aligned(size: int, *tensors: torch.Tensor | None) -> bool:
     """Sizes a multiple of 32 and every given tensor 16-byte aligned: the kernels' vector path."""
     return size % 32 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
-
-
-@dataclass
-class Rank1Stats:
-    """Pass 1 of one rank-1 tensor: its gradient, and its old second moment unless fresh."""
-
-    grad: torch.Tensor
-    cols: int
-    beta2: float
-    v_codes: torch.Tensor | None = None
-    row_old: torch.Tensor | None = None
-    col_old: torch.Tensor | None = None
-
-
-def stats(rank1: Sequence[Rank1Stats], flat: Sequence[torch.Tensor], device: torch.device
-          ) -> tuple[torch.Tensor, list[tuple[slice, slice]], torch.Tensor]:
-    """Pass 1 for a step: (maxima, where, bad).
-
-    `maxima` is one float32 buffer holding every rank-1 tensor's new row maxima then column
-    maxima (`where[i]` = their slices); `bad` counts non-finite entries per tensor, rank-1
-    tensors first (of the new second moment), then `flat` (of the gradient)."""
-    k = kernels()
-    dummy = torch.zeros(4, device=device)
-    bad = torch.zeros(len(rank1) + len(flat), device=device, dtype=torch.int32)
-    where, size = [], 0
-    for it in rank1:
-        rows = it.grad.numel() // it.cols
-        where.append((slice(size, size + rows), slice(size + rows, size + rows + it.cols)))
-        size += rows + it.cols
-    maxima = torch.zeros(size, device=device, dtype=torch.float32)
-    br, bc = STATS_TILE
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, it in enumerate(rank1):
-        key = (KINDS[it.grad.dtype], _aligned(it.cols, it.grad, it.v_codes))
-        groups.setdefault(key, []).append(i)
-    for (gkind, aligned), idx in groups.items():
-        counts = []
-        for i in idx:
-            rows = rank1[i].grad.numel() // rank1[i].cols
-            counts.append(_ceil_div(rows, br) * _ceil_div(rank1[i].cols, bc))
-        prog, first = _programs(device, tuple(counts))
-        imeta, fmeta = [], []
-        for i, pid0 in zip(idx, first, strict=True):
-            it, (rs, cs) = rank1[i], where[i]
-            row = [0] * NI
-            row[1] = it.grad.data_ptr()
-            row[4] = _addr(it.v_codes, dummy)
-            row[6], row[7] = _addr(it.row_old, dummy), _addr(it.col_old, dummy)
-            row[8], row[9] = maxima[rs].data_ptr(), maxima[cs].data_ptr()
-            row[10], row[11] = it.grad.numel(), it.cols
-            row[13], row[14], row[15] = int(it.v_codes is None), pid0, i
-            imeta += row
-            fmeta += [0.0, 0.0, 0.0, it.beta2, 1.0 - it.beta2, 0.0, 0.0, 0.0]
-        _launch(k.rank1_stats_kernel, (prog.numel(),), _ints(imeta, device),
-                _floats(fmeta, device), prog, bad, G_KIND=gkind, BR=br, BC=bc, ALIGNED=aligned)
-    fgroups: dict[tuple[int, bool], list[int]] = {}
-    for i, g in enumerate(flat):
-        fgroups.setdefault((KINDS[g.dtype], _aligned(g.numel(), g)), []).append(i)
-    for (gkind, aligned), idx in fgroups.items():
-        prog, first = _programs(device, tuple(_ceil_div(flat[i].numel(), FLAT_BLOCK) for i in idx))
-        imeta = []
-        for i, pid0 in zip(idx, first, strict=True):
-            row = [0] * NI
-            row[1], row[10], row[14], row[15] = flat[i].data_ptr(), flat[i].numel(), pid0, len(rank1) + i
-            imeta += row
-        _launch(k.nonfinite_kernel, (prog.numel(),), _ints(imeta, device), prog, bad,
-                G_KIND=gkind, BLOCK=FLAT_BLOCK, ALIGNED=aligned)
-    return maxima, where, bad
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -180,24 +111,27 @@ def _ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).to(device)
 
 
-def _floats(values: list[float], device: torch.device) -> torch.Tensor:
-    # Rounded to float32 once, on the host, as the C++ kernel rounds its double arguments.
-    return torch.tensor(values, dtype=torch.float32).to(device)
+def step_constants(decay: float, beta1: float, beta2: float, inv_bc2_sqrt: float, eps: float,
+                   step_size: float) -> list[float]:
+    """One fmeta row (the kernels' order). Rounded to float32 when copied to the device, as
+    the C++ kernel rounds its double arguments."""
+    return [decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, inv_bc2_sqrt, eps, step_size]
 
 
 @dataclass
-class Step:
-    """Pass 2 of one tensor. `mode`: 0 rank1, 1 block, 2 factor, 3 float32 moments.
+class Item:
+    """One tensor of a step. `mode`: 0 rank1, 1 block, 2 factor, 3 float32 moments.
 
-    m, v: codes (uint8) for modes 0-2 (no v for factor), the float32 moments for mode 3;
-    rank1 takes 1 / new scale in row_new and col_new, factor its row factor and column
-    statistics."""
+    m, v: codes (uint8) for modes 0-2 (no v for factor), exp_avg and exp_avg_sq for mode 3.
+    rank1: row_old, col_old are the old scales (maxima); row_new, if given, is 1 / the new row
+    scale (otherwise the plan takes it from its own maxima, as it always does for the columns).
+    factor: row_new is the row factor, col_new the column statistics."""
 
     param: torch.Tensor
     grad: torch.Tensor
     mode: int
     fresh: bool
-    consts: tuple[float, float, float, float, float, float]  # decay, b1, b2, 1/sqrt(bc2), eps, lr/bc1
+    block: int
     m: torch.Tensor
     m_scale: torch.Tensor | None = None
     v: torch.Tensor | None = None
@@ -208,39 +142,113 @@ class Step:
     col_new: torch.Tensor | None = None
     cols: int = 1
     rows_per_matrix: int = 1
-    keep: list[torch.Tensor] = field(default_factory=list)
 
 
-def fused_step(items: Sequence[Step], block: int, device: torch.device) -> None:
-    """Pass 2 for a step: one launch per (mode, parameter dtype, gradient dtype, alignment)."""
-    if not supports(block):
-        raise ValueError(f"block_size: the Triton kernel needs a power of two >= 16, got {block}")
-    k = kernels()
-    nb = max(1, min(8, 2048 // block))
-    dummy = torch.zeros(4, device=device)
-    smap = quant.SIGNED_MAP.to(device)
-    smid = torch.cat([quant.SIGNED_MIDS, torch.tensor([float("inf")])]).to(device)
-    groups: dict[tuple[int, int, int, bool], list[Step]] = {}
-    for it in items:
-        aligned = _aligned(it.param.numel(), it.param, it.grad, it.m, it.v)
-        groups.setdefault((it.mode, KINDS[it.param.dtype], KINDS[it.grad.dtype], aligned),
-                          []).append(it)
-    for (mode, pkind, gkind, aligned), group in groups.items():
-        counts = [_ceil_div(_ceil_div(it.param.numel(), block), nb) for it in group]
-        prog, first = _programs(device, tuple(counts))
-        imeta, fmeta = [], []
-        for it, pid0 in zip(group, first, strict=True):
-            row = [0] * NI
-            row[0], row[1] = it.param.data_ptr(), it.grad.data_ptr()
-            row[2], row[3] = _addr(it.m, dummy), _addr(it.m_scale, dummy)
-            row[4], row[5] = _addr(it.v, dummy), _addr(it.v_scale, dummy)
-            row[6], row[7] = _addr(it.row_old, dummy), _addr(it.col_old, dummy)
-            row[8], row[9] = _addr(it.row_new, dummy), _addr(it.col_new, dummy)
-            row[10], row[11], row[12] = it.param.numel(), max(it.cols, 1), max(it.rows_per_matrix, 1)
-            row[13], row[14] = int(it.fresh), pid0
-            imeta += row
-            decay, b1, b2, ibc2, eps, ss = it.consts
-            fmeta += [decay, b1, 1.0 - b1, b2, 1.0 - b2, ibc2, eps, ss]
-        _launch(k.step_kernel, (prog.numel(),), _ints(imeta, device), _floats(fmeta, device),
-                prog, smap, smid, MODE=mode, P_KIND=pkind, G_KIND=gkind, BLOCK=block, NB=nb,
-                ALIGNED=aligned)
+class Plan:
+    """The tables, launches and buffers of one step of `items` on one device.
+
+    Reusable for later steps while every address it holds stays valid and the same: the
+    constants (`check`'s argument) are the only input that changes. fmeta row i belongs to
+    items[i]; bad[i] counts items[i]'s non-finite entries (not for factor items, whose
+    statistics the optimizer checks)."""
+
+    def __init__(self, items: Sequence[Item], device: torch.device) -> None:
+        if not items:
+            raise ValueError("items: a plan needs at least one tensor")
+        blocks = {it.block for it in items}
+        bad_block = [b for b in blocks if not supports(b)]
+        if bad_block:
+            raise ValueError(f"block_size: the Triton kernel needs a power of two >= 16, got {bad_block[0]}")
+        self.items = list(items)
+        self.device = device
+        k = kernels()
+        self._dummy = torch.zeros(4, device=device)
+        self.bad = torch.zeros(len(items), device=device, dtype=torch.int32)
+        self.fmeta = torch.zeros(len(items) * NF, device=device, dtype=torch.float32)
+        rank1 = [i for i, it in enumerate(items) if it.mode == 0]
+        sizes = []
+        for i in rank1:
+            sizes += [items[i].param.numel() // items[i].cols, items[i].cols]
+        self.maxima = torch.zeros(sum(sizes), device=device, dtype=torch.float32)
+        self.inv = torch.zeros_like(self.maxima)
+        mx, iv = self.maxima.split(sizes), self.inv.split(sizes)
+        # rank-1 item index -> its new row and column maxima (views of one buffer)
+        self.maxima_of = {i: (mx[2 * j], mx[2 * j + 1]) for j, i in enumerate(rank1)}
+        inv_of = {i: (iv[2 * j], iv[2 * j + 1]) for j, i in enumerate(rank1)}
+        self._stats: list[tuple] = []
+        self._steps: list[tuple] = []
+        br, bc = STATS_TILE
+        groups: dict[tuple, list[int]] = {}
+        for i in rank1:
+            it = items[i]
+            key = (KINDS[it.grad.dtype], _aligned(it.cols, it.grad, it.v))
+            groups.setdefault(key, []).append(i)
+        for (gkind, aligned), idx in groups.items():
+            counts = [_ceil_div(items[i].param.numel() // items[i].cols, br)
+                      * _ceil_div(items[i].cols, bc) for i in idx]
+            prog, first = _programs(device, tuple(counts))
+            rows = [self._row(i, pid0, maxima=self.maxima_of[i]) for i, pid0 in zip(idx, first, strict=True)]
+            self._stats.append((k.rank1_stats_kernel, prog, _ints(sum(rows, []), device),
+                                dict(G_KIND=gkind, BR=br, BC=bc, ALIGNED=aligned)))
+        groups = {}
+        for i, it in enumerate(items):
+            if it.mode in (1, 3):
+                groups.setdefault((KINDS[it.grad.dtype], _aligned(it.param.numel(), it.grad)), []).append(i)
+        for (gkind, aligned), idx in groups.items():
+            prog, first = _programs(device, tuple(_ceil_div(items[i].param.numel(), FLAT_BLOCK) for i in idx))
+            rows = [self._row(i, pid0) for i, pid0 in zip(idx, first, strict=True)]
+            self._stats.append((k.nonfinite_kernel, prog, _ints(sum(rows, []), device),
+                                dict(G_KIND=gkind, BLOCK=FLAT_BLOCK, ALIGNED=aligned)))
+        self._smap = quant.SIGNED_MAP.to(device)
+        self._smid = torch.cat([quant.SIGNED_MIDS, torch.tensor([float("inf")])]).to(device)
+        groups = {}
+        for i, it in enumerate(items):
+            aligned = _aligned(it.param.numel(), it.param, it.grad, it.m, it.v)
+            key = (it.block, it.mode, KINDS[it.param.dtype], KINDS[it.grad.dtype], aligned)
+            groups.setdefault(key, []).append(i)
+        for (block, mode, pkind, gkind, aligned), idx in groups.items():
+            nb = max(1, min(8, 2048 // block))
+            counts = [_ceil_div(_ceil_div(items[i].param.numel(), block), nb) for i in idx]
+            prog, first = _programs(device, tuple(counts))
+            rows = [self._row(i, pid0, inv=inv_of.get(i)) for i, pid0 in zip(idx, first, strict=True)]
+            self._steps.append((k.step_kernel, prog, _ints(sum(rows, []), device),
+                                dict(MODE=mode, P_KIND=pkind, G_KIND=gkind, BLOCK=block, NB=nb,
+                                     ALIGNED=aligned)))
+
+    def _row(self, i: int, pid0: int, maxima: tuple | None = None, inv: tuple | None = None) -> list[int]:
+        """items[i]'s imeta row: maxima (pass 1) or inverse scales (pass 2) for rank1."""
+        it, d = self.items[i], self._dummy
+
+        def addr(t: torch.Tensor | None) -> int:
+            return (t if t is not None and t.numel() else d).data_ptr()
+
+        row = [0] * NI
+        row[0], row[1] = it.param.data_ptr(), it.grad.data_ptr()
+        row[2], row[3], row[4], row[5] = addr(it.m), addr(it.m_scale), addr(it.v), addr(it.v_scale)
+        row[6], row[7] = addr(it.row_old), addr(it.col_old)
+        if maxima is not None:
+            row[8], row[9] = maxima[0].data_ptr(), maxima[1].data_ptr()
+        elif inv is not None:
+            row[8] = addr(it.row_new) if it.row_new is not None else inv[0].data_ptr()
+            row[9] = inv[1].data_ptr()
+        else:
+            row[8], row[9] = addr(it.row_new), addr(it.col_new)
+        row[10], row[11], row[12] = it.param.numel(), max(it.cols, 1), max(it.rows_per_matrix, 1)
+        row[13], row[14], row[15], row[16] = int(it.fresh), pid0, i, i
+        return row
+
+    def check(self, constants: list[float]) -> list[int]:
+        """Pass 1 with these step constants (NF per item): non-finite entries per item."""
+        self.fmeta.copy_(torch.tensor(constants, dtype=torch.float32))
+        self.bad.zero_()
+        self.maxima.zero_()
+        for kernel, prog, imeta, consts in self._stats:
+            _launch(kernel, (prog.numel(),), imeta, self.fmeta, prog, self.bad, **consts)
+        return self.bad.tolist()
+
+    def step(self) -> None:
+        """Pass 2 (after `check`): updates parameters and moments."""
+        self.inv.copy_(quant.inv_or_zero(self.maxima))
+        for kernel, prog, imeta, consts in self._steps:
+            _launch(kernel, (prog.numel(),), imeta, self.fmeta, prog, self._smap, self._smid,
+                    **consts)

@@ -6,8 +6,8 @@ tables built on the host each step:
 
 - `imeta` (int64, `NI` per tensor): addresses of the tensors it reads and writes, sizes,
   whether its moments are fresh (step 0), and the first program of the tensor;
-- `fmeta` (float32, `NF` per tensor): the step's constants (they differ between parameter
-  groups, and between tensors whose step counts differ).
+- `fmeta` (float32, `NF` per row; a tensor's row is its FROW field): the step's constants
+  (they differ between parameter groups, and between tensors whose step counts differ).
 
 The arithmetic is the C++ kernel's, operation for operation: launched with
 `enable_fp_fusion=False`, correctly rounded division and square root, so on a GPU the
@@ -36,7 +36,8 @@ RPB = tl.constexpr(12)  # rows per matrix (factor)
 FRESH = tl.constexpr(13)  # 1 at the first step: both moments start at exactly zero
 PID0 = tl.constexpr(14)  # first program of this tensor in the launch
 BAD = tl.constexpr(15)  # its slot in the non-finite counts (pass 1)
-NI_ = 16
+FROW = tl.constexpr(16)  # its row of fmeta
+NI_ = 18
 NI = tl.constexpr(NI_)
 # fmeta fields
 DECAY, B1, OMB1, B2, OMB2, IBC2, EPS, SS = (tl.constexpr(i) for i in range(8))
@@ -74,8 +75,8 @@ def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl
     if ALIGNED:
         cols = tl.multiple_of(cols, 32)
     fresh = tl.load(row + FRESH)
-    b2 = tl.load(fmeta + t * NF + B2)
-    omb2 = tl.load(fmeta + t * NF + OMB2)
+    b2 = tl.load(fmeta + tl.load(row + FROW) * NF + B2)
+    omb2 = tl.load(fmeta + tl.load(row + FROW) * NF + OMB2)
     rows = n // cols
     tiles_c = (cols + BC - 1) // BC
     local = pid - tl.load(row + PID0)
@@ -117,9 +118,10 @@ def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl
 
 
 @triton.jit
-def nonfinite_kernel(imeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
+def nonfinite_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
                      ALIGNED: tl.constexpr):
-    """Counts the non-finite gradient entries of each tensor (into bad_ptr[BAD])."""
+    """Counts the non-finite gradient entries of each tensor (into bad_ptr[BAD]; fmeta unused:
+    the launch passes pass 1's arguments)."""
     pid = tl.program_id(0)
     t = tl.load(prog + pid).to(tl.int64)
     row = imeta + t * NI
@@ -148,7 +150,7 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
     pid = tl.program_id(0)
     t = tl.load(prog + pid).to(tl.int64)
     row = imeta + t * NI
-    fr = fmeta + t * NF
+    fr = fmeta + tl.load(row + FROW) * NF
     n = tl.load(row + N)
     if ALIGNED:
         n = tl.multiple_of(n, 32)

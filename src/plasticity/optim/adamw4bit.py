@@ -30,8 +30,11 @@ moment) anywhere leaves parameters and states untouched and raises `FloatingPoin
 
 On CPU float32 tensors the step runs in a fused C++/OpenMP kernel (two passes for
 "rank1": the maxima of the new second moment, then one pass that dequantizes, updates and
-requantizes); on CUDA in Triton kernels; elsewhere (and when no compiler is available) in
-PyTorch operations that give the C++ kernel's results bit for bit.
+requantizes); on CUDA (float32, bfloat16 or float16 parameters) in multi-tensor Triton
+kernels that compute the same operations, without fused multiply-adds, so the same bits for
+"rank1" and "block" (a step is a fixed number of launches however many tensors it updates);
+elsewhere (and when no compiler is available) in PyTorch operations that give the C++
+kernel's results bit for bit.
 """
 
 from __future__ import annotations
@@ -234,6 +237,12 @@ class AdamW4bit(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer's keeps defaults, state and param_groups only (pickle, copy.deepcopy);
+        # the Triton plans and routes are caches, built again on the next step.
+        return {**super().__getstate__(), "nonfinite": self.nonfinite, "backend": self.backend,
+                "skipped_steps": self.skipped_steps}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -284,6 +293,24 @@ class AdamW4bit(torch.optim.Optimizer):
                 return "cpp"
         return "torch"
 
+    def _routes(self) -> list[tuple[dict[str, Any], torch.Tensor, str, str]]:
+        """(group, parameter, layout, backend) of every parameter, in order; worked out again
+        when a parameter's storage, dtype or strides, a group's storage settings or `backend`
+        change."""
+        sig = (self.backend,
+               *((id(p), p.data_ptr(), p.dtype, p.stride()) for group in self.param_groups
+                 for p in group["params"]),
+               *((group["second_moment"], group["block_size"], group["min_quantized_numel"],
+                  group.get("quantize", True), group.get("scale_dtype", "float32"))
+                 for group in self.param_groups))
+        cached = self.__dict__.get("_route_cache")
+        if cached is None or cached[0] != sig:
+            routes = [(group, p, self.layout(p, group),
+                       self._backend_for(p, group["block_size"], group.get("scale_dtype", "float32")))
+                      for group in self.param_groups for p in group["params"]]
+            cached = self.__dict__["_route_cache"] = (sig, routes)
+        return cached[1]
+
     def _init_state(self, p: torch.Tensor, kind: str, block: int,
                     scale_dtype: str = "float32") -> dict[str, Any]:
         n = p.numel()
@@ -318,27 +345,25 @@ class AdamW4bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work, batch = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise ValueError("grad: AdamW4bit does not support sparse gradients")
-                if g.is_complex():
-                    raise ValueError("grad: AdamW4bit does not support complex gradients")
-                kind = self.layout(p, group)
-                backend = self._backend_for(p, group["block_size"], group.get("scale_dtype", "float32"))
-                if backend == "triton":  # stepped together, in a few launches
-                    batch.append((group, p, g, kind))
-                    continue
-                plan = self._pass_stats(p, g, group, kind, backend)
-                work.append((group, p, g, kind, backend, plan))
+        for group, p, kind, backend in self._routes():
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise ValueError("grad: AdamW4bit does not support sparse gradients")
+            if g.is_complex():
+                raise ValueError("grad: AdamW4bit does not support complex gradients")
+            if backend == "triton":  # stepped together, in a few launches
+                batch.append((group, p, g, kind))
+                continue
+            plan = self._pass_stats(p, g, group, kind, backend)
+            work.append((group, p, g, kind, backend, plan))
         if not work and not batch:
             return loss
-        plans, batch_ok = self._triton_stats(batch)
+        runs, batch_ok = self._triton_check(batch)
         ok = _all_flags([w[5]["finite"] for w in work]) + batch_ok
         if not all(ok):
+            self._triton_abort(runs)
             shapes = [w[1].shape for w in work] + [b[1].shape for b in batch]
             bad = [f"#{i} {tuple(s)}" for i, (s, good) in enumerate(zip(shapes, ok, strict=True)) if not good]
             self.skipped_steps += 1
@@ -351,92 +376,135 @@ class AdamW4bit(torch.optim.Optimizer):
             return loss
         for group, p, g, kind, backend, plan in work:
             self._pass_update(p, g, group, kind, backend, plan)
-        self._triton_update(batch, plans)
+        self._triton_apply(batch, runs)
         return loss
 
     # ------------------------------------------------------------------ Triton (multi-tensor)
-    def _triton_stats(self, batch: list[tuple]) -> tuple[list[dict[str, Any]], list[bool]]:
-        """Pass 1 of the Triton path for every tensor in `batch`: per tensor a plan and
-        whether its gradient (and new second moment) is finite. Writes nothing."""
+    def _triton_check(self, batch: list[tuple]) -> tuple[list[tuple], list[bool]]:
+        """Pass 1 of the Triton path, per device: whether each tensor of `batch` is finite, and
+        what `_triton_apply` needs. A device's `_triton.Plan` is kept while its addresses stay
+        the same. Creates the states of tensors stepped for the first time; `_triton_abort`
+        removes them again if the step is not taken."""
         from plasticity.optim import _triton
 
-        plans: list[dict[str, Any]] = [{} for _ in batch]
-        ok = [True] * len(batch)
+        runs, ok = [], [True] * len(batch)
+        plans = self.__dict__.setdefault("_triton_plans", {})
         for dev, idx in _by_device(batch).items():
-            rank1, flat, r_idx, f_idx, factor = [], [], [], [], []
+            created, grads = [], []
             for i in idx:
                 group, p, g, kind = batch[i]
-                g = g.contiguous() if g.dtype in _triton.KINDS else g.float().contiguous()
-                plans[i]["grad"] = g
-                st = self.state.get(p) or None
-                fresh = st is None or st["step"] == 0
-                if kind == "rank1":
-                    row_old = col_old = vcodes = None
-                    if not fresh:
-                        row_old, col_old, _ = self._old_rank1_scales(st, p.shape, dev)
-                        vcodes = st["exp_avg_sq_codes"]
-                    plans[i].update(row_old=row_old, col_old=col_old)
-                    rank1.append(_triton.Rank1Stats(g, p.shape[-1], group["betas"][1], vcodes,
-                                                    row_old, col_old))
-                    r_idx.append(i)
-                elif kind == "factor":
-                    plans[i].update(self._pass_stats(p, g, group, kind, "triton"))
-                    factor.append(i)
-                else:
-                    flat.append(g)
-                    f_idx.append(i)
-            maxima, where, bad = _triton.stats(rank1, flat, dev)
-            for i, n_bad in zip(r_idx + f_idx, bad.tolist(), strict=True):
-                ok[i] = n_bad == 0
-            for i, good in zip(factor, _all_flags([plans[i]["finite"] for i in factor]), strict=True):
-                ok[i] = good
-            inv = quant.inv_or_zero(maxima)
-            for i, (rs, cs) in zip(r_idx, where, strict=True):
-                shape = batch[i][1].shape
-                maxes = _dim_maxes(maxima[rs], maxima[cs], shape)
-                row_inv = inv[rs] if len(shape) == 2 else quant.inv_or_zero(_row_scale(maxes[:-1], shape))
-                plans[i].update(maxes=maxes, row_inv=row_inv, col_inv=inv[cs])
-        return plans, ok
-
-    def _triton_update(self, batch: list[tuple], plans: list[dict[str, Any]]) -> None:
-        """Pass 2 of the Triton path: one launch per (block size, mode, dtypes) and device."""
-        from plasticity.optim import _triton
-
-        for dev, idx in _by_device(batch).items():
-            steps: dict[int, list[Any]] = {}
-            copy_to, copy_from = [], []
-            for i in idx:
-                group, p, _, kind = batch[i]
-                plan, block = plans[i], group["block_size"]
+                grads.append((g if g.dtype in _triton.KINDS else g.float()).contiguous())
                 st = self.state[p]
                 if not st:
-                    st.update(self._init_state(p, kind, block, group.get("scale_dtype", "float32")))
-                sc = _step_constants(group, st["step"] + 1)
-                item = _triton.Step(p, plan["grad"], 3 if kind == "fp32" else _MODE[kind],
-                                    st["step"] == 0, sc, st.get("exp_avg_codes"),
-                                    st.get("exp_avg_scale"), st.get("exp_avg_sq_codes"),
-                                    st.get("exp_avg_sq_scale"))
-                if kind == "fp32":
-                    item.m, item.v = st["exp_avg"], st["exp_avg_sq"]
-                elif kind == "rank1":
-                    item.row_old, item.col_old = plan["row_old"], plan["col_old"]
-                    item.row_new, item.col_new, item.cols = plan["row_inv"], plan["col_inv"], p.shape[-1]
-                    for k, mx in enumerate(plan["maxes"]):
-                        copy_to.append(st[f"exp_avg_sq_max{k}"])
-                        copy_from.append(mx)
-                elif kind == "factor":
-                    item.row_new = plan["row_factor"]
-                    item.col_new = plan["c_new"].reshape(-1).contiguous()
-                    item.cols, item.rows_per_matrix = p.shape[-1], p.shape[-2]
+                    st.update(self._init_state(p, kind, group["block_size"],
+                                               group.get("scale_dtype", "float32")))
+                    created.append(p)
+            key = tuple((id(batch[i][1]), batch[i][1].data_ptr(), g.data_ptr(), g.dtype, batch[i][3],
+                         batch[i][0]["block_size"], self.state[batch[i][1]]["step"] == 0)
+                        for i, g in zip(idx, grads, strict=True))
+            if dev not in plans or plans[dev][0] != key:
+                plans[dev] = (key, self._triton_plan([batch[i] for i in idx], grads, dev))
+            plan, special, copies = plans[dev][1]
+            consts, factor_stats, rows = [], {}, {}
+            for i in idx:
+                group, t = batch[i][0], self.state[batch[i][1]]["step"] + 1
+                row = rows.get((id(group), t))
+                if row is None:
+                    row = rows[(id(group), t)] = _triton.step_constants(*_step_constants(group, t))
+                consts += row
+            for j, kind in special.items():  # per-step PyTorch work before pass 1
+                group, p, _, _ = batch[idx[j]]
+                st, item = self.state[p], plan.items[j]
+                if kind == "factor":
+                    fs = self._pass_stats(p, grads[j], group, "factor", "triton")
+                    item.row_new.copy_(fs["row_factor"])
+                    item.col_new.copy_(fs["c_new"].reshape(-1))
+                    factor_stats[j] = fs
+                elif st["step"] > 0:  # rank1, ndim >= 3: the old row scale
+                    maxes = [st[f"exp_avg_sq_max{k}"] for k in range(p.dim())]
+                    item.row_old.copy_(_row_scale(maxes[:-1], p.shape))
+            bad = plan.check(consts)
+            for j, n_bad in enumerate(bad):
+                ok[idx[j]] = n_bad == 0
+            for j, good in zip(factor_stats, _all_flags([fs["finite"] for fs in factor_stats.values()]),
+                               strict=True):
+                ok[idx[j]] = good
+            runs.append((dev, idx, grads, created, factor_stats))
+        return runs, ok
+
+    def _triton_plan(self, items: list[tuple], grads: list[torch.Tensor], dev: torch.device):
+        """A `_triton.Plan` for one device's tensors, and which of them need PyTorch work each
+        step (factor statistics; rank-1 scales of tensors with more than two dimensions, kept in
+        buffers the plan's tables point to)."""
+        from plasticity.optim import _triton
+
+        out, special = [], {}
+        for j, ((group, p, _, kind), g) in enumerate(zip(items, grads, strict=True)):
+            st = self.state[p]
+            item = _triton.Item(p, g, 3 if kind == "fp32" else _MODE[kind], st["step"] == 0,
+                                group["block_size"], st.get("exp_avg_codes"), st.get("exp_avg_scale"),
+                                st.get("exp_avg_sq_codes"), st.get("exp_avg_sq_scale"))
+            if kind == "fp32":
+                item.m, item.v = st["exp_avg"], st["exp_avg_sq"]
+            elif kind == "rank1":
+                item.cols = p.shape[-1]
+                col_old = st[f"exp_avg_sq_max{p.dim() - 1}"]
+                if p.dim() == 2:
+                    item.row_old, item.col_old = st["exp_avg_sq_max0"], col_old
+                else:
+                    rows = p.numel() // item.cols
+                    item.row_old = torch.zeros(rows, device=dev)
+                    item.row_new = torch.zeros(rows, device=dev)
+                    item.col_old = col_old
+                    special[j] = "rank1"
+            elif kind == "factor":
+                item.cols, item.rows_per_matrix = p.shape[-1], p.shape[-2]
+                item.row_new = torch.zeros(p.numel() // p.shape[-1], device=dev)
+                item.col_new = torch.zeros(st["exp_avg_sq_col"].numel(), device=dev)
+                special[j] = "factor"
+            out.append(item)
+        plan = _triton.Plan(out, dev)
+        for item in out:  # the plan keeps addresses only: no reference to this step's gradients
+            item.grad = None
+        copy_to, copy_from = [], []  # new rank-1 maxima -> states, after pass 2 (matrices)
+        for j, (_, p, _, kind) in enumerate(items):
+            if kind == "rank1" and p.dim() == 2:
+                copy_to += [self.state[p]["exp_avg_sq_max0"], self.state[p]["exp_avg_sq_max1"]]
+                copy_from += list(plan.maxima_of[j])
+        return plan, special, (copy_to, copy_from)
+
+    def _triton_apply(self, batch: list[tuple], runs: list[tuple]) -> None:
+        """Pass 2 of the Triton path (after every tensor's check passed)."""
+        plans = self.__dict__["_triton_plans"]
+        for dev, idx, grads, _, factor_stats in runs:
+            plan, special, (copy_to, copy_from) = plans[dev][1]
+            copy_to, copy_from = list(copy_to), list(copy_from)
+            for j, kind in special.items():
+                p = batch[idx[j]][1]
+                st = self.state[p]
+                if kind == "rank1":  # ndim >= 3: 1 / the new row scale, and every dimension's maxima
+                    maxes = _dim_maxes(*plan.maxima_of[j], p.shape)
+                    plan.items[j].row_new.copy_(quant.inv_or_zero(_row_scale(maxes[:-1], p.shape)))
+                    copy_to += [st[f"exp_avg_sq_max{k}"] for k in range(p.dim())]
+                    copy_from += maxes
+                else:
+                    fs = factor_stats[j]
                     copy_to += [st["exp_avg_sq_row"].view(-1), st["exp_avg_sq_col"].view(-1)]
-                    copy_from += [plan["r_new"].reshape(-1), plan["c_new"].reshape(-1)]
-                steps.setdefault(block, []).append(item)
-            for block, items in steps.items():
-                _triton.fused_step(items, block, dev)
-            if copy_to:  # after the step, which reads the old rank-1 scales
-                torch._foreach_copy_(copy_to, copy_from)
+                    copy_from += [fs["r_new"].reshape(-1), fs["c_new"].reshape(-1)]
+            plan.step()
+            del grads  # (kept alive until the launches above)
             for i in idx:
                 self.state[batch[i][1]]["step"] += 1
+            if copy_to:  # after pass 2, which reads the old rank-1 scales
+                torch._foreach_copy_(copy_to, copy_from)
+
+    def _triton_abort(self, runs: list[tuple]) -> None:
+        """The step is not taken: forget the states `_triton_check` created."""
+        for dev, _, _, created, _ in runs:
+            for p in created:
+                del self.state[p]
+            if created:
+                self.__dict__["_triton_plans"].pop(dev, None)
 
     def _squares_scratch(self, g3: torch.Tensor) -> torch.Tensor | None:
         """A reusable CPU buffer for `_mean_squares` (not optimizer state: never saved)."""
@@ -672,6 +740,7 @@ class AdamW4bit(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("state_dict: it has a different number of parameter groups")
         originals = {k: dict(v) for k, v in state_dict["state"].items()}
+        self.__dict__.pop("_triton_plans", None)  # they point at the states being replaced
         super().load_state_dict(state_dict)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups), strict=True))
