@@ -162,7 +162,11 @@ class Plan:
         self.items = list(items)
         self.device = device
         k = kernels()
-        self._dummy = torch.zeros(4, device=device)
+        # Tables hold byte offsets from this buffer (see _triton_kernels); it also stands in
+        # for absent tensors (never read: their loads are masked off).
+        self._base = torch.zeros(16, device=device, dtype=torch.uint8)
+        if self._base.data_ptr() % 16:
+            raise RuntimeError("the allocator returned a buffer that is not 16-byte aligned")
         self.bad = torch.zeros(len(items), device=device, dtype=torch.int32)
         self.fmeta = torch.zeros(len(items) * NF, device=device, dtype=torch.float32)
         rank1 = [i for i, it in enumerate(items) if it.mode == 0]
@@ -217,20 +221,20 @@ class Plan:
 
     def _row(self, i: int, pid0: int, maxima: tuple | None = None, inv: tuple | None = None) -> list[int]:
         """items[i]'s imeta row: maxima (pass 1) or inverse scales (pass 2) for rank1."""
-        it, d = self.items[i], self._dummy
+        it, base = self.items[i], self._base.data_ptr()
 
         def addr(t: torch.Tensor | None) -> int:
-            return (t if t is not None and t.numel() else d).data_ptr()
+            return t.data_ptr() - base if t is not None and t.numel() else 0
 
         row = [0] * NI
-        row[0], row[1] = it.param.data_ptr(), it.grad.data_ptr()
+        row[0], row[1] = addr(it.param), addr(it.grad)
         row[2], row[3], row[4], row[5] = addr(it.m), addr(it.m_scale), addr(it.v), addr(it.v_scale)
         row[6], row[7] = addr(it.row_old), addr(it.col_old)
         if maxima is not None:
-            row[8], row[9] = maxima[0].data_ptr(), maxima[1].data_ptr()
+            row[8], row[9] = addr(maxima[0]), addr(maxima[1])
         elif inv is not None:
-            row[8] = addr(it.row_new) if it.row_new is not None else inv[0].data_ptr()
-            row[9] = inv[1].data_ptr()
+            row[8] = addr(it.row_new) if it.row_new is not None else addr(inv[0])
+            row[9] = addr(inv[1])
         else:
             row[8], row[9] = addr(it.row_new), addr(it.col_new)
         row[10], row[11], row[12] = it.param.numel(), max(it.cols, 1), max(it.rows_per_matrix, 1)
@@ -243,12 +247,12 @@ class Plan:
         self.bad.zero_()
         self.maxima.zero_()
         for kernel, prog, imeta, consts in self._stats:
-            _launch(kernel, (prog.numel(),), imeta, self.fmeta, prog, self.bad, **consts)
+            _launch(kernel, (prog.numel(),), self._base, imeta, self.fmeta, prog, self.bad, **consts)
         return self.bad.tolist()
 
     def step(self) -> None:
         """Pass 2 (after `check`): updates parameters and moments."""
         self.inv.copy_(quant.inv_or_zero(self.maxima))
         for kernel, prog, imeta, consts in self._steps:
-            _launch(kernel, (prog.numel(),), imeta, self.fmeta, prog, self._smap, self._smid,
+            _launch(kernel, (prog.numel(),), self._base, imeta, self.fmeta, prog, self._smap, self._smid,
                     **consts)

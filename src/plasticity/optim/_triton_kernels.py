@@ -4,7 +4,9 @@ Every kernel is multi-tensor: one launch covers many parameter tensors. Each pro
 which tensor it works on from `prog` (tensor index per program) and that tensor's row of two
 tables built on the host each step:
 
-- `imeta` (int64, `NI` per tensor): addresses of the tensors it reads and writes, sizes,
+- `imeta` (int64, `NI` per tensor): where the tensors it reads and writes are (byte offsets
+  from the `base` argument, a 16-byte aligned buffer, so that the compiler can prove 16-byte
+  alignment from the offset alone: hints on a raw address do not survive in Triton 3.6), sizes,
   whether its moments are fresh (step 0), and the first program of the tensor;
 - `fmeta` (float32, `NF` per row; a tensor's row is its FROW field): the step's constants
   (they differ between parameter groups, and between tensors whose step counts differ).
@@ -47,20 +49,26 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # quant.TINY, the smallest normal f
 
 
 @triton.jit
-def _ptr(addr, KIND: tl.constexpr):
-    """An address from imeta as a typed pointer: 0 float32, 1 bfloat16, 2 float16, 3 uint8."""
+def _at(base, row, FIELD: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor at imeta field FIELD (a byte offset from `base`) as a typed pointer: KIND 0
+    float32, 1 bfloat16, 2 float16, 3 uint8. ALIGNED: the host checked that the offset is a
+    multiple of 16 (`base` is 16-byte aligned), which lets the compiler use 16-byte accesses."""
+    off = tl.load(row + FIELD)
+    if ALIGNED:
+        off = tl.multiple_of(off, 16)
+    ptr = base + off
     if KIND == 0:
-        return addr.to(tl.pointer_type(tl.float32))
+        return ptr.to(tl.pointer_type(tl.float32))
     elif KIND == 1:
-        return addr.to(tl.pointer_type(tl.bfloat16))
+        return ptr.to(tl.pointer_type(tl.bfloat16))
     elif KIND == 2:
-        return addr.to(tl.pointer_type(tl.float16))
+        return ptr.to(tl.pointer_type(tl.float16))
     else:
-        return addr.to(tl.pointer_type(tl.uint8))
+        return ptr
 
 
 @triton.jit
-def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl.constexpr,
+def rank1_stats_kernel(base, imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl.constexpr,
                        BC: tl.constexpr, ALIGNED: tl.constexpr):
     """Row and column maxima of the new second moment (atomic max into RN, CN, which start at
     zero) and the count of its non-finite entries (into bad_ptr[BAD]); writes nothing else.
@@ -88,13 +96,11 @@ def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl
     cmask = offs_c < cols
     mask = rmask[:, None] & cmask[None, :]
     e = offs_r[:, None] * cols + offs_c[None, :]
-    g_ptr = _ptr(tl.load(row + G), G_KIND)
-    vc_ptr = _ptr(tl.load(row + VC), 3)
+    g_ptr = _at(base, row, G, G_KIND, ALIGNED)
+    vc_ptr = _at(base, row, VC, 3, ALIGNED)
     # (x * 0 + fresh) == 0: "not fresh" as a tensor of x's shape (the interpreter needs one)
     old = (e * 0 + fresh) == 0
     if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        vc_ptr = tl.multiple_of(vc_ptr, 16)
         HALF: tl.constexpr = BC // 2
         half_c = tc * HALF + tl.arange(0, HALF)
         bmask = rmask[:, None] & (half_c < cols // 2)[None, :] & ((half_c * 0 + fresh) == 0)[None, :]
@@ -105,20 +111,20 @@ def rank1_stats_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BR: tl
         byte = tl.load(vc_ptr + e // 2, mask=mask & old, other=0).to(tl.int32)
         code = (byte >> ((e & 1) * 4).to(tl.int32)) & 15
     g = tl.load(g_ptr + e, mask=mask, other=0.0).to(tl.float32)
-    ro = tl.load(_ptr(tl.load(row + RO), 0) + offs_r, mask=rmask & ((offs_r * 0 + fresh) == 0), other=0.0)
-    co = tl.load(_ptr(tl.load(row + CO), 0) + offs_c, mask=cmask & ((offs_c * 0 + fresh) == 0), other=0.0)
+    ro = tl.load(_at(base, row, RO, 0, False) + offs_r, mask=rmask & ((offs_r * 0 + fresh) == 0), other=0.0)
+    co = tl.load(_at(base, row, CO, 0, False) + offs_c, mask=cmask & ((offs_c * 0 + fresh) == 0), other=0.0)
     s = tl.minimum(ro[:, None], co[None, :])
     vo = tl.where(old, ((code.to(tl.float32) + 1.0) * 0.0625) * s, 0.0)
     v = vo * b2 + (g * g) * omb2
     v = tl.where(mask, v, 0.0)
     nonfinite = (v != v) | (v == float("inf"))
     tl.atomic_add(bad_ptr + tl.load(row + BAD), tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0))
-    tl.atomic_max(_ptr(tl.load(row + RN), 0) + offs_r, tl.max(v, axis=1), mask=rmask)
-    tl.atomic_max(_ptr(tl.load(row + CN), 0) + offs_c, tl.max(v, axis=0), mask=cmask)
+    tl.atomic_max(_at(base, row, RN, 0, False) + offs_r, tl.max(v, axis=1), mask=rmask)
+    tl.atomic_max(_at(base, row, CN, 0, False) + offs_c, tl.max(v, axis=0), mask=cmask)
 
 
 @triton.jit
-def nonfinite_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
+def nonfinite_kernel(base, imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
                      ALIGNED: tl.constexpr):
     """Counts the non-finite gradient entries of each tensor (into bad_ptr[BAD]; fmeta unused:
     the launch passes pass 1's arguments)."""
@@ -126,10 +132,9 @@ def nonfinite_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: t
     t = tl.load(prog + pid).to(tl.int64)
     row = imeta + t * NI
     n = tl.load(row + N)
-    g_ptr = _ptr(tl.load(row + G), G_KIND)
+    g_ptr = _at(base, row, G, G_KIND, ALIGNED)
     if ALIGNED:
         n = tl.multiple_of(n, 32)
-        g_ptr = tl.multiple_of(g_ptr, 16)
     offs = (pid - tl.load(row + PID0)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -138,7 +143,7 @@ def nonfinite_kernel(imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
+def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
                 P_KIND: tl.constexpr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
                 NB: tl.constexpr, ALIGNED: tl.constexpr):
     """One AdamW step on NB blocks of BLOCK elements of one tensor.
@@ -175,19 +180,13 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
     ibc2 = tl.load(fr + IBC2)
     eps = tl.load(fr + EPS)
     ss = tl.load(fr + SS)
-    p_ptr = _ptr(tl.load(row + P), P_KIND)
-    g_ptr = _ptr(tl.load(row + G), G_KIND)
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
+    p_ptr = _at(base, row, P, P_KIND, ALIGNED)
+    g_ptr = _at(base, row, G, G_KIND, ALIGNED)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE == 3:
-        m_ptr = _ptr(tl.load(row + MC), 0)
-        v_ptr = _ptr(tl.load(row + VC), 0)
-        if ALIGNED:
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
+        m_ptr = _at(base, row, MC, 0, ALIGNED)
+        v_ptr = _at(base, row, VC, 0, ALIGNED)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0) * b1 + g * omb1
         v = tl.load(v_ptr + offs, mask=mask, other=0.0) * b2 + (g * g) * omb2
         den = tl.sqrt_rn(v) * ibc2 + eps
@@ -196,12 +195,9 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
     else:
-        mc_ptr = _ptr(tl.load(row + MC), 3)
-        ms_ptr = _ptr(tl.load(row + MS), 0)
-        vc_ptr = _ptr(tl.load(row + VC), 3)
-        if ALIGNED:
-            mc_ptr = tl.multiple_of(mc_ptr, 16)
-            vc_ptr = tl.multiple_of(vc_ptr, 16)
+        mc_ptr = _at(base, row, MC, 3, ALIGNED)
+        ms_ptr = _at(base, row, MS, 0, False)
+        vc_ptr = _at(base, row, VC, 3, ALIGNED)
         if MODE != 1:
             cols = tl.load(row + COLS).to(tl.int32)
             o32 = offs.to(tl.int32)  # tensors on this path have fewer than 2**31 elements
@@ -214,8 +210,8 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
         m = mo * b1 + g * omb1
         if MODE == 2:
             rpb = tl.load(row + RPB).to(tl.int32)
-            rf = tl.load(_ptr(tl.load(row + RN), 0) + i, mask=mask, other=0.0)
-            cf = tl.load(_ptr(tl.load(row + CN), 0) + (i // rpb) * cols + j, mask=mask,
+            rf = tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0)
+            cf = tl.load(_at(base, row, CN, 0, False) + (i // rpb) * cols + j, mask=mask,
                          other=0.0)
             v = rf * cf
         else:
@@ -223,10 +219,10 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
             vcode = tl.interleave(vb & 15, vb >> 4).to(tl.float32)
             if MODE == 0:
                 so = tl.minimum(
-                    tl.load(_ptr(tl.load(row + RO), 0) + i, mask=mask & old, other=0.0),
-                    tl.load(_ptr(tl.load(row + CO), 0) + j, mask=mask & old, other=0.0))
+                    tl.load(_at(base, row, RO, 0, False) + i, mask=mask & old, other=0.0),
+                    tl.load(_at(base, row, CO, 0, False) + j, mask=mask & old, other=0.0))
             else:
-                vs_old = tl.load(_ptr(tl.load(row + VS), 0) + blk,
+                vs_old = tl.load(_at(base, row, VS, 0, False) + blk,
                                  mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
                 so = vs_old[:, None]
             vo = tl.where(old, ((vcode + 1.0) * 0.0625) * so, 0.0)
@@ -252,14 +248,14 @@ def step_kernel(imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
             v = tl.where(mask, v, 0.0)
             if MODE == 1:
                 vs_new = tl.max(v, axis=1)
-                tl.store(_ptr(tl.load(row + VS), 0) + blk, vs_new, mask=bvalid)
+                tl.store(_at(base, row, VS, 0, False) + blk, vs_new, mask=bvalid)
                 # quant.inv_or_zero: the scale floored at the smallest normal float
                 inv = tl.where(vs_new > 0,
                                tl.div_rn(tl.full((NB,), 1.0, tl.float32),
                                          tl.maximum(vs_new, TINY)), 0.0)[:, None]
             else:
-                inv = tl.maximum(tl.load(_ptr(tl.load(row + RN), 0) + i, mask=mask, other=0.0),
-                                 tl.load(_ptr(tl.load(row + CN), 0) + j, mask=mask, other=0.0))
+                inv = tl.maximum(tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0),
+                                 tl.load(_at(base, row, CN, 0, False) + j, mask=mask, other=0.0))
             xv = v * inv
             c = tl.ceil(xv * 16.0 - 0.5) - 1.0
             c = tl.minimum(tl.maximum(c, 0.0), 15.0).to(tl.int32)
