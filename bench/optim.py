@@ -76,6 +76,23 @@ def candidates(device: str) -> dict[str, Callable[[list[torch.nn.Parameter]], to
     return out
 
 
+def _device_seconds(opt: torch.optim.Optimizer) -> float:
+    """CUDA: the GPU time of one step (the kernels' own durations, from the profiler); the
+    rest of a step's wall time is the GPU waiting for the host."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        field = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        return sum(getattr(e, field) for e in events) / 1e6
+    except Exception as exc:
+        print(f"  (device time unavailable: {type(exc).__name__}: {str(exc)[:120]})")
+        return float("nan")
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -117,6 +134,7 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    gpu = {name: _device_seconds(opt) for name, opt in opts.items()} if device == "cuda" else {}
     base_name = "torch AdamW fused (fp32 states)"
     base = statistics.median(times[base_name])
     base_cpu = statistics.median(cpu[base_name])
@@ -134,7 +152,9 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
         rows.append({"optimizer": name, "median_s": med, "ratio": med / base, "paired_ratio": paired,
                      "median_cpu_s": med_cpu, "cpu_ratio": med_cpu / base_cpu,
                      "min_s": min(times[name]), "max_s": max(times[name]),
-                     "state_bytes_per_param": nbytes / n_params})
+                     "state_bytes_per_param": nbytes / n_params,
+                     "device_s": gpu.get(name, float("nan")),
+                     "device_ratio": gpu.get(name, float("nan")) / gpu.get(base_name, float("nan"))})
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "n_params": n_params,
             "layers": layers, "repeats": repeats, "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -151,6 +171,10 @@ def print_table(res: dict) -> None:
               f"{r['min_s'] * 1e3:>7.0f}..{r['max_s'] * 1e3:<7.0f}ms "
               f"{r['median_cpu_s'] * 1e3:>7.0f} ms {r['cpu_ratio']:>6.2f} "
               f"{r['state_bytes_per_param']:>14.4f}")
+    if res["device"] == "cuda":
+        print("GPU time of one step (the kernels' durations; the rest of the step is host time):")
+        for r in res["rows"]:
+            print(f"  {r['optimizer']:<34} {r['device_s'] * 1e3:>8.2f} ms   ratio {r['device_ratio']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:

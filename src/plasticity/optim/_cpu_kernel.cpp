@@ -99,6 +99,21 @@ inline void quantize_signed(const float* M, float inv, const float* mid, uint8_t
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(idx));
   }
+#elif defined(__AVX2__)
+  // The code is the number of boundaries below x (they are sorted): 15 comparisons, each
+  // -1 where true, subtracted. NaN compares false everywhere, as in the binary search.
+  __m256 vmid[15];
+  for (int b = 0; b < 15; ++b) vmid[b] = _mm256_set1_ps(mid[b]);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (; k + 8 <= len; k += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(M + k), vinv);
+    __m256i idx = _mm256_setzero_si256();
+    for (int b = 0; b < 15; ++b) {
+      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(x, vmid[b], _CMP_GT_OQ)));
+    }
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packus_epi16(w, w));
+  }
 #endif
   for (; k < len; ++k) {
     const float x = M[k] * inv;
