@@ -285,11 +285,11 @@ def test_factor_statistics_in_chunks_match_float64():
             torch.testing.assert_close(c.double(), ref_c, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vbmi"])
+@pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx2"])
 def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
-    AVX-512 run), or with AVX-512 but without VBMI (nibbles unpacked by shifts), also
-    equals the PyTorch path bit for bit. Built in a subprocess, since the compiler flags
+    AVX-512 run), with AVX-512 but without VBMI (nibbles unpacked by shifts), or without
+    AVX2 (the scalar loops alone), also equals the PyTorch path bit for bit. Built in a subprocess, since the compiler flags
     are read at import."""
     script = (
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
