@@ -54,7 +54,8 @@ def test_host_work_of_a_step_does_not_grow_with_the_tensor_count(monkeypatch, se
     small = _steady_step(monkeypatch, 1, second_moment)
     large = _steady_step(monkeypatch, 12, second_moment)  # 110 tensors instead of 11
     assert small == large
-    assert large[0] <= 20 and large[1] <= 4, large
+    # a handful: one launch per layout, dtype, alignment and row-block group
+    assert large[0] <= 20 and large[1] <= 8, large
 
 
 def test_new_gradient_tensors_are_followed(monkeypatch):

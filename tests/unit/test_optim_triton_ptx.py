@@ -30,9 +30,10 @@ FORBIDDEN = {
     "approximate reciprocal": r"\brcp\.approx(\.ftz)?\.f32\b",
     "approximate square root": r"\bsqrt\.approx(\.ftz)?\.f32\b",
 }
-# Aligned (sizes a multiple of 32) and ragged shapes; 1-D tensors take the block-wise second
-# moment; (9, 11) keeps float32 moments (numel <= min_quantized_numel).
-SHAPES = [(64, 96), (40, 257), (2, 32, 64), (4096,), (1001,), (9, 11)]
+# Aligned (sizes a multiple of 32) and ragged shapes, rows a multiple of the block (16, 256);
+# 1-D tensors take the block-wise second moment; (9, 11) keeps float32 moments (numel <=
+# min_quantized_numel).
+SHAPES = [(64, 96), (40, 257), (2, 32, 64), (16, 256), (4096,), (1001,), (9, 11)]
 
 
 def _record(monkeypatch, second_moment: str, dtype: torch.dtype):
@@ -94,6 +95,7 @@ def test_every_kernel_variant_was_compiled(compiled):
     assert {c["MODE"] for c in step} == {0, 1, 2, 3}
     assert {c["P_KIND"] for c in step} == {0, 1}
     assert {c["ALIGNED"] for c in step} == {False, True}
+    assert {c["ROWBLK"] for c in step if c["MODE"] in (0, 2)} == {False, True}
 
 
 def test_no_fused_or_approximate_arithmetic(compiled):

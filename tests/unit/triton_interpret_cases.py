@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 # Odd sizes: partial last blocks, partial tiles, a block count that is no multiple of the
 # blocks per program, 3-D tensors (rank-1 maxima over every dimension, factor statistics over
 # the last two), a 1-D tensor (block-wise second moment) and one kept in fp32 (numel <= 100).
-SHAPES = [(40, 257), (64, 96), (3, 7, 130), (1001,), (50, 50), (9, 11)]
+# Rows a multiple of the block (24, 256), (2, 8, 128) take the kernel's per-row scale path.
+SHAPES = [(40, 257), (64, 96), (3, 7, 130), (1001,), (50, 50), (9, 11), (24, 256), (2, 8, 128)]
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, min_quantized_numel=100)
 
 
@@ -82,14 +83,16 @@ def test_interpreted_kernels_equal_the_cpp_kernel(interpreter, second_moment, bl
     ref, ref_opt = _run("cpp", second_moment=second_moment, block_size=block_size)
     got, got_opt = _run("triton", second_moment=second_moment, block_size=block_size)
     _assert_identical(ref, ref_opt, got, got_opt)
-    # Launches per step do not grow with the number of tensors: pass 2 once per layout and
-    # alignment (sizes a multiple of 32 take the 16-byte vector path), pass 1 once per
-    # alignment for the rank-1 maxima and for the other gradients' check.
+    # Launches per step do not grow with the number of tensors: pass 2 once per layout,
+    # alignment (sizes a multiple of 32 take the 16-byte vector path) and whether rows are a
+    # multiple of the block, pass 1 once per alignment for the rank-1 maxima and for the
+    # other gradients' check.
     layout = {p: got_opt.layout(p, got_opt.param_groups[0]) for p in got}
-    step_groups = {(layout[p], p.numel() % 32 == 0) for p in got}
+    step_groups = {(layout[p], p.numel() % 32 == 0,
+                    layout[p] in ("rank1", "factor") and p.shape[-1] % block_size == 0) for p in got}
     rank1_groups = {p.shape[-1] % 32 == 0 for p in got if layout[p] == "rank1"}
     flat_groups = {p.numel() % 32 == 0 for p in got if layout[p] in ("block", "fp32")}
-    assert len(step_groups) < len(got) == 6
+    assert len(step_groups) < len(got) == len(SHAPES)
     assert interpreter["step_kernel"] == 3 * len(step_groups)
     assert interpreter.get("rank1_stats_kernel", 0) == 3 * len(rank1_groups)
     assert interpreter["nonfinite_kernel"] == 3 * len(flat_groups)
@@ -191,12 +194,12 @@ def test_a_first_step_with_a_non_finite_gradient_leaves_no_state(interpreter):
     opt = AdamW4bit(params, backend="triton", **HP)
     for p, g in zip(params, _grads(gen, torch.float32), strict=True):
         p.grad = g
-    params[4].grad[7] = float("nan")  # the 1-D tensor: block-wise second moment
+    params[3].grad[7] = float("nan")  # the 1-D tensor: block-wise second moment
     with pytest.raises(FloatingPointError, match="non-finite"):
         opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
     assert len(opt.state) == 0
-    params[4].grad[7] = 0.0
+    params[3].grad[7] = 0.0
     opt.step()  # and the next step starts from zero moments, as a first step should
     ref = [torch.nn.Parameter(b.clone()) for b in before]
     for r, p in zip(ref, params, strict=True):

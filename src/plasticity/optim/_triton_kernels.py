@@ -145,12 +145,14 @@ def nonfinite_kernel(base, imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BL
 @triton.jit
 def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
                 P_KIND: tl.constexpr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
-                NB: tl.constexpr, ALIGNED: tl.constexpr):
+                NB: tl.constexpr, ALIGNED: tl.constexpr, ROWBLK: tl.constexpr):
     """One AdamW step on NB blocks of BLOCK elements of one tensor.
 
     MODE 0 rank1, 1 block, 2 factor (4-bit moments: dequantize, update, requantize with fresh
     scales), 3 float32 moments. ALIGNED (the host checked: every streamed tensor 16-byte
-    aligned, size a multiple of 32) lets the compiler use 16-byte loads and stores."""
+    aligned, size a multiple of 32) lets the compiler use 16-byte loads and stores. ROWBLK
+    (modes 0 and 2, the host checked: rows a multiple of BLOCK long) takes each block's row
+    scale once and its column scales as one contiguous run, without per-element division."""
     HALF: tl.constexpr = BLOCK // 2
     pid = tl.program_id(0)
     t = tl.load(prog + pid).to(tl.int64)
@@ -200,9 +202,15 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         vc_ptr = _at(base, row, VC, 3, ALIGNED)
         if MODE != 1:
             cols = tl.load(row + COLS).to(tl.int32)
-            o32 = offs.to(tl.int32)  # tensors on this path have fewer than 2**31 elements
-            i = o32 // cols
-            j = o32 - i * cols
+            if ROWBLK:
+                cols = tl.multiple_of(cols, BLOCK)
+                start = blk.to(tl.int32) * BLOCK
+                bi = start // cols  # each block's row
+                j = (start - bi * cols)[:, None] + tl.arange(0, BLOCK)[None, :]
+            else:
+                o32 = offs.to(tl.int32)  # tensors on this path have fewer than 2**31 elements
+                i = o32 // cols
+                j = o32 - i * cols
         mb = tl.load(mc_ptr + boffs, mask=bmask & ((boffs * 0 + fresh) == 0), other=0).to(tl.int32)
         mcode = tl.interleave(mb & 15, mb >> 4)
         ms_old = tl.load(ms_ptr + blk, mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
@@ -210,17 +218,26 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         m = mo * b1 + g * omb1
         if MODE == 2:
             rpb = tl.load(row + RPB).to(tl.int32)
-            rf = tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0)
-            cf = tl.load(_at(base, row, CN, 0, False) + (i // rpb) * cols + j, mask=mask,
-                         other=0.0)
+            if ROWBLK:
+                rf = tl.load(_at(base, row, RN, 0, False) + bi, mask=bvalid, other=0.0)[:, None]
+                cf = tl.load(_at(base, row, CN, 0, False) + ((bi // rpb) * cols)[:, None] + j,
+                             mask=mask, other=0.0)
+            else:
+                rf = tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0)
+                cf = tl.load(_at(base, row, CN, 0, False) + (i // rpb) * cols + j, mask=mask,
+                             other=0.0)
             v = rf * cf
         else:
             vb = tl.load(vc_ptr + boffs, mask=bmask & ((boffs * 0 + fresh) == 0), other=0).to(tl.int32)
             vcode = tl.interleave(vb & 15, vb >> 4).to(tl.float32)
             if MODE == 0:
-                so = tl.minimum(
-                    tl.load(_at(base, row, RO, 0, False) + i, mask=mask & old, other=0.0),
-                    tl.load(_at(base, row, CO, 0, False) + j, mask=mask & old, other=0.0))
+                if ROWBLK:
+                    ro = tl.load(_at(base, row, RO, 0, False) + bi,
+                                 mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)[:, None]
+                else:
+                    ro = tl.load(_at(base, row, RO, 0, False) + i, mask=mask & old, other=0.0)
+                so = tl.minimum(ro, tl.load(_at(base, row, CO, 0, False) + j, mask=mask & old,
+                                            other=0.0))
             else:
                 vs_old = tl.load(_at(base, row, VS, 0, False) + blk,
                                  mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
@@ -236,11 +253,11 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         ms_new = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)
         tl.store(ms_ptr + blk, ms_new, mask=bvalid)
         x = m * tl.div_rn(tl.full((NB,), 1.0, tl.float32), ms_new)[:, None]
+        # The nearest code is the number of the 15 sorted boundaries below x (what a binary
+        # search finds; NaN is below none): compares against 15 scalars, no per-element loads.
         idx = tl.zeros((NB, BLOCK), dtype=tl.int32)
-        for step in tl.static_range(4):
-            width = 8 >> step
-            probe = tl.load(smid_ptr + idx + (width - 1))
-            idx = tl.where(x > probe, idx + width, idx)
+        for k in tl.static_range(15):
+            idx += (x > tl.load(smid_ptr + k)).to(tl.int32)
         idx = tl.where(mask, idx, 0)
         lo, hi = tl.split(tl.reshape(idx, (NB, HALF, 2)))
         tl.store(mc_ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
@@ -254,8 +271,11 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
                                tl.div_rn(tl.full((NB,), 1.0, tl.float32),
                                          tl.maximum(vs_new, TINY)), 0.0)[:, None]
             else:
-                inv = tl.maximum(tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0),
-                                 tl.load(_at(base, row, CN, 0, False) + j, mask=mask, other=0.0))
+                if ROWBLK:
+                    ri = tl.load(_at(base, row, RN, 0, False) + bi, mask=bvalid, other=0.0)[:, None]
+                else:
+                    ri = tl.load(_at(base, row, RN, 0, False) + i, mask=mask, other=0.0)
+                inv = tl.maximum(ri, tl.load(_at(base, row, CN, 0, False) + j, mask=mask, other=0.0))
             xv = v * inv
             c = tl.ceil(xv * 16.0 - 0.5) - 1.0
             c = tl.minimum(tl.maximum(c, 0.0), 15.0).to(tl.int32)
