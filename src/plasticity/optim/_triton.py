@@ -8,9 +8,9 @@ one copy of the step constants, a few launches and one transfer of the non-finit
 Pass 1 (`Plan.check`): the row and column maxima of every rank-1 tensor's new second moment,
 and a count of non-finite entries per tensor; pass 2 (`Plan.step`): dequantize, update,
 requantize (or update float32 moments), one launch per second-moment mode, parameter and
-gradient dtype, block size and alignment. Launched without fused multiply-adds and with correctly
-rounded division and square root, the kernels compute what the C++ kernel computes, operation
-for operation; tests/unit/test_optim_gpu.py compares them bit for bit on CUDA, and
+gradient dtype, block size, alignment and row layout. Launched without fused multiply-adds
+and with correctly rounded division and square root, the kernels compute what the C++ kernel
+computes, operation for operation; tests/unit/test_optim_gpu.py compares them bit for bit on CUDA, and
 tests/unit/test_optim_triton_ptx.py checks the compiled code for fused or approximate
 arithmetic without a GPU. Under Triton's interpreter (`TRITON_INTERPRET=1`, see
 `interpreted`) the same kernels run on CPU tensors.

@@ -2,7 +2,7 @@
 
 Every kernel is multi-tensor: one launch covers many parameter tensors. Each program reads
 which tensor it works on from `prog` (tensor index per program) and that tensor's row of two
-tables built on the host each step:
+tables built on the host (`_triton.Plan`; the constants anew each step):
 
 - `imeta` (int64, `NI` per tensor): where the tensors it reads and writes are (byte offsets
   from the `base` argument, a 16-byte aligned buffer, so that the compiler can prove 16-byte
@@ -13,7 +13,8 @@ tables built on the host each step:
 
 The arithmetic is the C++ kernel's, operation for operation: launched with
 `enable_fp_fusion=False`, correctly rounded division and square root, so on a GPU the
-results equal the CPU path's bit for bit (bf16 parameters: the float32 update rounded once).
+results equal the CPU path's bit for bit (bf16 parameters: the float32 update rounded once;
+`factor`'s statistics come from PyTorch reductions, which sum in another order on CUDA).
 """
 
 from __future__ import annotations
