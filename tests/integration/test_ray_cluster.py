@@ -107,9 +107,12 @@ def test_grid_spreads_over_nodes_and_survives_a_node_killed_mid_grid(cluster, tm
     assert len({u["ray_node_id"] for u in stages["extract"].values()}) == 2
     plast = stages["plasticity"]
     assert set(plast) == {f"target={s}" for s in FAST_STEPS}
-    for s in killed["targets"]:
-        if f"target={s}" not in killed["done_at_kill"]:
-            assert plast[f"target={s}"]["ray_node_id"] != killed["node"]
+    # The killed node's uncommitted targets ran again elsewhere, except at most one: a result
+    # the actor had already returned when the node died (its actor works one target at a time)
+    # can still reach the manifest after the kill, with the dead node's id.
+    lost = [s for s in killed["targets"] if f"target={s}" not in killed["done_at_kill"]]
+    on_dead_node = [s for s in lost if plast[f"target={s}"]["ray_node_id"] == killed["node"]]
+    assert len(on_dead_node) <= 1, (killed, {s: plast[f"target={s}"] for s in lost})
     grid_nodes = {u["ray_node_id"] for u in plast.values()}
     assert len(grid_nodes) >= 2 and grid_nodes <= {head_id, *workers}  # the grid spread
     assert manifest["status"] == "done"
