@@ -1,4 +1,4 @@
-"""Inputs shared by the optimizer tests (CPU, GPU and interpreted Triton)."""
+"""Inputs and probes shared by the optimizer tests (CPU, GPU and interpreted Triton)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,18 @@ def outlier_grad(shape, gen: torch.Generator) -> torch.Tensor:
     idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=gen)
     flat[idx] *= 100.0
     return g.float()
+
+
+def count_plan_builds(monkeypatch) -> list[int]:
+    """A list that grows by one each time a `_triton.Plan` is built (for the test's duration)."""
+    from plasticity.optim import _triton
+
+    builds: list[int] = []
+    original = _triton.Plan.__init__
+
+    def counted(self, *args, **kwargs):
+        builds.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_triton.Plan, "__init__", counted)
+    return builds

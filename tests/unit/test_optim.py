@@ -289,8 +289,8 @@ def test_factor_statistics_in_chunks_match_float64():
 def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
     AVX-512 run), with AVX-512 but without VBMI (nibbles unpacked by shifts), or without
-    AVX2 (the scalar loops alone), also equals the PyTorch path bit for bit. Built in a subprocess, since the compiler flags
-    are read at import."""
+    AVX2 (the scalar loops alone), also equals the PyTorch path bit for bit. Built in a
+    subprocess, since the compiler flags are read at import."""
     script = (
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
         "from plasticity.optim import _cpu; "

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 from plasticity.optim import AdamW4bit, _triton  # noqa: E402
+from tests.unit.optim_inputs import count_plan_builds  # noqa: E402
 
 
 class _Ops(TorchDispatchMode):
@@ -61,14 +62,7 @@ def test_host_work_of_a_step_does_not_grow_with_the_tensor_count(monkeypatch, se
 def test_new_gradient_tensors_are_followed(monkeypatch):
     """Gradients replaced by new tensors (zero_grad(set_to_none=True)) move: the plan is built
     again rather than pointing at freed memory."""
-    builds = []
-    original = _triton.Plan.__init__
-
-    def counted(self, *args, **kwargs):
-        builds.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(_triton.Plan, "__init__", counted)
+    builds = count_plan_builds(monkeypatch)
     monkeypatch.setattr(_triton, "interpreted", lambda: True)
     monkeypatch.setattr(_triton, "_launch", lambda *a, **k: None)
     params = [torch.nn.Parameter(torch.randn(64, 96)), torch.nn.Parameter(torch.randn(64))]

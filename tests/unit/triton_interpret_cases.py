@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plasticity.optim import AdamW4bit, _triton
-from tests.unit.optim_inputs import outlier_grad
+from tests.unit.optim_inputs import count_plan_builds, outlier_grad
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_optim_triton_interpret.py with TRITON_INTERPRET=1",
@@ -159,14 +159,7 @@ def test_a_kept_plan_follows_the_cpp_kernel(interpreter, monkeypatch):
     """Gradients written in place keep every address: the plan is built at the first step and
     again at the second (the moments are no longer fresh), then reused; a learning rate that
     changes every step (a scheduler) still reaches the kernels."""
-    builds = []
-    original = _triton.Plan.__init__
-
-    def counted(self, *args, **kwargs):
-        builds.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(_triton.Plan, "__init__", counted)
+    builds = count_plan_builds(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in SHAPES]
     runs = []

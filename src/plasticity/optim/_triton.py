@@ -160,7 +160,6 @@ class Plan:
         if bad_block:
             raise ValueError(f"block_size: the Triton kernel needs a power of two >= 16, got {bad_block[0]}")
         self.items = list(items)
-        self.device = device
         k = kernels()
         # Tables hold byte offsets from this buffer (see _triton_kernels); it also stands in
         # for absent tensors (never read: their loads are masked off).
@@ -204,7 +203,7 @@ class Plan:
             self._stats.append((k.nonfinite_kernel, prog, _ints(sum(rows, []), device),
                                 dict(G_KIND=gkind, BLOCK=FLAT_BLOCK, ALIGNED=aligned)))
         self._smap = quant.SIGNED_MAP.to(device)
-        self._smid = torch.cat([quant.SIGNED_MIDS, torch.tensor([float("inf")])]).to(device)
+        self._smid = quant.SIGNED_MIDS.to(device)
         groups = {}
         for i, it in enumerate(items):
             aligned = _aligned(it.param.numel(), it.param, it.grad, it.m, it.v)

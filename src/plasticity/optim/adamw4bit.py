@@ -421,8 +421,7 @@ class AdamW4bit(torch.optim.Optimizer):
                     item.col_new.copy_(fs["c_new"].reshape(-1))
                     factor_stats[j] = fs
                 elif st["step"] > 0:  # rank1, ndim >= 3: the old row scale
-                    maxes = [st[f"exp_avg_sq_max{k}"] for k in range(p.dim())]
-                    item.row_old.copy_(_row_scale(maxes[:-1], p.shape))
+                    item.row_old.copy_(self._old_rank1_scales(st, p.shape, dev)[0])
             bad = plan.check(consts)
             for j, n_bad in enumerate(bad):
                 ok[idx[j]] = n_bad == 0
@@ -599,7 +598,7 @@ class AdamW4bit(torch.optim.Optimizer):
         elif backend == "torch":
             self._update_quantized_torch(p, g, st, kind, plan, sc, block)
         else:
-            self._update_quantized_kernel(p, g, st, kind, plan, sc, block, backend)
+            self._update_quantized_kernel(p, g, st, kind, plan, sc, block)
         if kind == "rank1":
             for k, mx in enumerate(plan["maxes"]):
                 st[f"exp_avg_sq_max{k}"].copy_(mx)
@@ -620,7 +619,7 @@ class AdamW4bit(torch.optim.Optimizer):
         st["exp_avg_sq"].copy_(v)
         p.copy_(pf)
 
-    def _update_quantized_kernel(self, p, g, st, kind, plan, sc, block, backend) -> None:
+    def _update_quantized_kernel(self, p, g, st, kind, plan, sc, block) -> None:
         fresh = st["step"] == 0
         empty = torch.zeros(0, device=p.device, dtype=torch.float32)
         empty_u8 = torch.zeros(0, device=p.device, dtype=torch.uint8)
