@@ -267,6 +267,52 @@ def _check_identical_bits(block_size, scale_dtype="float32"):
                 assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (sm, key)
 
 
+def test_kernel_quantizers_match_the_pytorch_path_on_every_boundary():
+    _check_quantizers()
+
+
+def _check_quantizers():
+    """The kernel's quantizers (its vector code where the CPU has it, the scalar loop for
+    a ragged tail) give the PyTorch path's codes on each decision boundary, one float
+    either side of it, signed zeros, the ends of the range, subnormals and random values."""
+    from plasticity.optim import _cpu, quant
+
+    mod = _cpu.load()
+    assert mod is not None, "the C++ kernel did not build"
+    gen = torch.Generator().manual_seed(11)
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+
+    def around(points: torch.Tensor) -> torch.Tensor:
+        return torch.cat([points, torch.nextafter(points, up), torch.nextafter(points, down)])
+
+    sub = torch.tensor([1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 1e-30])
+    signed = torch.cat([around(quant.SIGNED_MIDS), around(quant.SIGNED_MAP), sub, -sub,
+                        torch.tensor([0.0, -0.0, 1.0, -1.0]),
+                        torch.rand(500, generator=gen) * 2 - 1,
+                        (torch.rand(200, generator=gen) * 2 - 1) * 1e-2])
+    mids_u = torch.tensor([(k + 0.5) / 16 for k in range(16)], dtype=torch.float32)
+    linear = torch.cat([around(mids_u), around(quant.UNSIGNED_MAP)[:-1], sub,
+                        torch.tensor([0.0, 1.0]), torch.rand(500, generator=gen)])
+    linear = linear[(linear >= 0) & (linear <= 1)]
+    for x, is_signed, ref in ((signed, True, quant.quantize_signed),
+                              (linear, False, quant.quantize_unsigned)):
+        for n in (x.numel(), x.numel() - 7):  # a ragged tail, or none, for the scalar loop
+            for perm in (torch.arange(n), torch.randperm(n, generator=gen)):
+                xs = x[:n][perm].contiguous()
+                got = mod.quantize_codes(xs, is_signed)
+                assert got.dtype == torch.uint8
+                bad = (got.long() != ref(xs)).nonzero().flatten()
+                assert bad.numel() == 0, (is_signed, xs[bad[:8]].tolist(), got[bad[:8]].tolist())
+    # NaN gets code 0 from the signed quantizer in every lane and in the scalar loop.
+    x = signed[:37].clone()
+    x[::3] = float("nan")
+    x[1::5] = -float("nan")
+    got = mod.quantize_codes(x, True)
+    nan = torch.isnan(x)
+    assert torch.all(got[nan] == 0)
+    assert torch.equal(got[~nan].long(), quant.quantize_signed(x[~nan]))
+
+
 def test_factor_statistics_in_chunks_match_float64():
     """`factor`'s row and column means of g^2, formed a chunk at a time in a small buffer
     (whole batches per chunk, or rows of one batch, or one row), equal float64 means."""
@@ -295,7 +341,7 @@ def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
         "from plasticity.optim import _cpu; "
         f"assert '{flag}' in _cpu.CFLAGS; "
-        "t._check_identical_bits(128); t._check_identical_bits(64); "
+        "t._check_quantizers(); t._check_identical_bits(128); t._check_identical_bits(64); "
         "t._check_identical_bits(128, 'bfloat16'); print('ok')"
     )
     env = dict(os.environ, PLASTICITY_KERNEL_FLAGS=flag)
