@@ -10,3 +10,4 @@ if __name__ == "__main__":
     # takes about a quarter of an hour and runs on its own).
     optim.main([])
     optim_host.main([])
+    # (bench.optim_ab compares builds of the C++ kernel; it takes their sources as arguments.)

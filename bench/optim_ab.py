@@ -1,0 +1,127 @@
+"""A/B of AdamW4bit's C++ kernel: two or more builds of `_cpu_kernel.cpp` in one process.
+
+Machine speed drifts between runs, so a kernel change is measured against the previous
+source in the same process: each build steps its own `AdamW4bit` over the same
+GPT-2-medium-shaped parameters (as `bench.optim`), with fused fp32 AdamW as the baseline, in
+a shuffled order per repeat. `--passes` times the two passes alone instead, in ns per
+element, on one (rows x cols) tensor.
+
+    git show HEAD~1:src/plasticity/optim/_cpu_kernel.cpp > /tmp/old.cpp
+    python -m bench.optim_ab /tmp/old.cpp src/plasticity/optim/_cpu_kernel.cpp
+    OMP_NUM_THREADS=1 python -m bench.optim_ab --passes --rows 512 /tmp/old.cpp src/plasticity/optim/_cpu_kernel.cpp
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from plasticity.optim import AdamW4bit, _cpu
+
+
+def build(source: Path):
+    from torch.utils.cpp_extension import load
+
+    key = hashlib.sha256(source.read_bytes() + " ".join(_cpu.CFLAGS).encode()).hexdigest()[:12]
+    out = _cpu.cache_dir() / f"ab-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    return load(name=f"plasticity_adamw4bit_ab_{key}", sources=[str(source)],
+                extra_cflags=_cpu.CFLAGS, extra_ldflags=_cpu.LDFLAGS, build_directory=str(out))
+
+
+def timed(fns: dict, repeats: int, inner: int = 1) -> dict[str, list[float]]:
+    for f in fns.values():
+        f()
+    res: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        order = list(fns)
+        random.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            for _ in range(inner):
+                fns[k]()
+            res[k].append((time.perf_counter() - t) / inner)
+    return res
+
+
+def full_steps(mods: dict, repeats: int, layers: int, second_moment: str) -> None:
+    from bench.optim import gpt2_medium_shapes, make_params
+
+    ps = make_params(gpt2_medium_shapes(layers), "cpu", torch.float32, 0)
+    fns = {"torch AdamW fused": torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01, fused=True).step}
+    _cpu._module = next(iter(mods.values()))  # (so that no other build is made)
+    for name, mod in mods.items():
+        opt = AdamW4bit(ps, lr=1e-4, weight_decay=0.01, second_moment=second_moment)
+
+        def step(mod=mod, opt=opt):
+            _cpu._module = mod  # the build this optimizer steps with
+            opt.step()
+
+        fns[name] = step
+    res = timed(fns, repeats)
+    base = res["torch AdamW fused"]
+    print(f"{sum(p.numel() for p in ps) / 1e6:.1f}M params, AdamW4bit {second_moment}, "
+          f"median of {repeats} steps")
+    for k, v in res.items():
+        paired = statistics.median(a / b for a, b in zip(v, base, strict=True))
+        print(f"{k:40s} {statistics.median(v) * 1e3:9.1f} ms   ratio {statistics.median(v) / statistics.median(base):5.2f}"
+              f"   paired {paired:5.2f}")
+
+
+def passes(mods: dict, repeats: int, rows: int, cols: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = rows * cols
+    p = torch.randn(rows, cols, generator=gen)
+    g = torch.randn(rows, cols, generator=gen) * 1e-3
+    mc = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+    ms = torch.rand(n // 128, generator=gen)
+    vc = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+    ro = torch.rand(rows, generator=gen) * 1e-6 + 1e-7
+    co = torch.rand(cols, generator=gen) * 1e-6 + 1e-7
+    e = torch.zeros(0)
+    pa = torch.nn.Parameter(torch.randn(rows, cols, generator=gen))
+    pa.grad = g.clone()
+    fns = {"torch AdamW fused": torch.optim.AdamW([pa], lr=1e-4, fused=True).step}
+    for name, mod in mods.items():
+        rm, cm, _ = mod.rank1_stats(g, vc, ro, co, cols, False, 0.999)
+        fns[f"{name}: statistics pass"] = (
+            lambda mod=mod: mod.rank1_stats(g, vc, ro, co, cols, False, 0.999))
+        fns[f"{name}: update pass"] = (
+            lambda mod=mod, rm=rm, cm=cm: mod.fused_step(p, g, mc, ms, vc, e, ro, co, rm, cm, 0, cols, 1,
+                                                         False, 0.99, 0.9, 0.999, 1.0, 1e-8, 1e-4, 128))
+    inner = max(1, 20_000_000 // n)
+    res = timed(fns, repeats, inner)
+    print(f"{rows} x {cols}, {torch.get_num_threads()} threads, median of {repeats} x {inner}, ns per element")
+    for k, v in res.items():
+        print(f"{k:60s} {statistics.median(v) / n * 1e9:7.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", type=Path, help="kernel sources, e.g. an old and the new")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--second-moment", default="rank1", choices=["rank1", "block", "factor"])
+    ap.add_argument("--passes", action="store_true", help="time the two passes on one tensor")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--cols", type=int, default=1024)
+    args = ap.parse_args()
+    for src in args.sources:
+        if not src.is_file():
+            raise SystemExit(f"bench.optim_ab: no kernel source at {src}")
+    names = [str(s) for s in args.sources]
+    mods = {name: build(src) for name, src in zip(names, args.sources, strict=True)}
+    if args.passes:
+        passes(mods, args.repeats, args.rows, args.cols)
+    else:
+        full_steps(mods, args.repeats, args.layers, args.second_moment)
+
+
+if __name__ == "__main__":
+    main()
