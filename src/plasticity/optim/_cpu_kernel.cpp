@@ -5,8 +5,10 @@
 // pure-PyTorch path in plasticity.optim.adamw4bit does, so both give identical bits.
 //
 // Where the compiler targets AVX-512 (F, BW, DQ, VL), both passes run 16 lanes at a time
-// for tensors whose rows (rank-1) or blocks (block-wise) are multiples of 16 elements; the
-// scalar loops handle every other case. Both give the same bits.
+// for tensors whose rows (rank-1) or blocks (block-wise) are multiples of 16 elements; where
+// it targets AVX2 and FMA but not AVX-512, the same operations run 8 lanes at a time (rows a
+// multiple of 8 in pass 1, blocks a multiple of 16 in pass 2). The scalar loops handle every
+// other case. All give the same bits.
 //
 // Codes: two 4-bit codes per byte, element 2k in the low nibble of byte k, element
 // 2k+1 in the high nibble. Second-moment modes: 0 = rank-1 (scale of (i, j) is
