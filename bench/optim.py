@@ -4,8 +4,8 @@ GPT-2-medium-shaped parameters (354.8M with the default 24 layers): wte 50257x10
 1024x1024, per block c_attn 1024x3072, attn c_proj 1024x1024, c_fc 1024x4096, mlp c_proj
 4096x1024, their biases and two LayerNorms; a final LayerNorm. fp32 parameters and gradients
 (random, with outliers), shared by all the optimizers, which run in a shuffled order in each repeat and the median step is reported, with its ratio to
-`torch.optim.AdamW(fused=True)` measured in the same run ("AdamW4bit rank1, bf16 scales",
-CPU only, is `rank1` with `scale_dtype="bfloat16"`). torchao's AdamW4bit and
+`torch.optim.AdamW(fused=True)` measured in the same run ("AdamW4bit rank1, bf16 scales"
+is `rank1` with `scale_dtype="bfloat16"`). torchao's AdamW4bit and
 bitsandbytes' AdamW8bit are timed too when they are installed (`pip install -e .[bench]`).
 
     python -m bench.optim                      # CPU, the full 354.8M shapes
@@ -58,9 +58,8 @@ def candidates(device: str) -> dict[str, Callable[[list[torch.nn.Parameter]], to
         "AdamW4bit block": lambda ps: AdamW4bit(ps, second_moment="block", **hp),
         "AdamW4bit factor": lambda ps: AdamW4bit(ps, second_moment="factor", **hp),
     }
-    if device == "cpu":  # (bfloat16 scales run on the PyTorch path on CUDA)
-        out["AdamW4bit rank1, bf16 scales"] = lambda ps: AdamW4bit(
-            ps, second_moment="rank1", scale_dtype="bfloat16", **hp)
+    out["AdamW4bit rank1, bf16 scales"] = lambda ps: AdamW4bit(
+        ps, second_moment="rank1", scale_dtype="bfloat16", **hp)
     try:
         from torchao.optim import AdamW4bit as AoAdamW4bit
 

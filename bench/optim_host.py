@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = {
             "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True, **hp),
             "AdamW4bit rank1 (Triton path)": lambda ps: AdamW4bit(ps, backend="triton", **q, **hp),
+            "AdamW4bit rank1, bf16 scales (Triton)": lambda ps: AdamW4bit(
+                ps, backend="triton", scale_dtype="bfloat16", **q, **hp),
             "AdamW4bit block (Triton path)": lambda ps: AdamW4bit(
                 ps, backend="triton", second_moment="block", **q, **hp),
             "AdamW4bit factor (Triton path)": lambda ps: AdamW4bit(

@@ -21,11 +21,12 @@ def _grads(gen):
     return [outlier_grad(s, gen) for s in SHAPES]
 
 
-def _run(device, backend, second_moment, dtype=torch.float32, steps=3):
+def _run(device, backend, second_moment, dtype=torch.float32, steps=3, scale_dtype="float32"):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype))
               for s in SHAPES]
-    opt = AdamW4bit(params, second_moment=second_moment, backend=backend, **HP)
+    opt = AdamW4bit(params, second_moment=second_moment, backend=backend, scale_dtype=scale_dtype,
+                    **HP)
     for _ in range(steps):
         for p, g in zip(params, _grads(gen), strict=True):
             p.grad = g.to(device=device, dtype=dtype)
@@ -63,16 +64,17 @@ def test_triton_matches_the_cpu_kernel(second_moment):
         assert (vb.cpu() - va).abs().max().item() <= 0.1 * va.abs().max().item() + 1e-30
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("second_moment", ["rank1", "block"])
-def test_triton_equals_the_cpu_path_bit_for_bit(second_moment, dtype):
+def test_triton_equals_the_cpu_path_bit_for_bit(second_moment, dtype, scale_dtype):
     """No fused multiply-adds, correctly rounded division and square root: the same bits as
     the CPU (float32: the C++ kernel; bf16: the PyTorch path, which rounds the float32 update
-    once). `factor` is left out: its row and column means of g^2 are PyTorch reductions,
-    which sum in a different order on CUDA."""
+    once), with float32 or bfloat16 block scales. `factor` is left out: its row and column
+    means of g^2 are PyTorch reductions, which sum in a different order on CUDA."""
     backend = "auto" if dtype == torch.float32 else "torch"
-    cpu_p, cpu_o = _run("cpu", backend, second_moment, dtype=dtype)
-    gpu_p, gpu_o = _run("cuda", "triton", second_moment, dtype=dtype)
+    cpu_p, cpu_o = _run("cpu", backend, second_moment, dtype=dtype, scale_dtype=scale_dtype)
+    gpu_p, gpu_o = _run("cuda", "triton", second_moment, dtype=dtype, scale_dtype=scale_dtype)
     differ = {}
     for a, b in zip(cpu_p, gpu_p, strict=True):
         bc = b.detach().cpu()

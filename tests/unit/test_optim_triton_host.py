@@ -27,7 +27,8 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _steady_step(monkeypatch, layers: int, second_moment: str = "rank1") -> tuple[int, int]:
+def _steady_step(monkeypatch, layers: int, second_moment: str = "rank1",
+                 scale_dtype: str = "float32") -> tuple[int, int]:
     """(PyTorch operations, launches) of the third step of a GPT-2-like stack of `layers`."""
     launches = []
     monkeypatch.setattr(_triton, "interpreted", lambda: True)
@@ -36,7 +37,8 @@ def _steady_step(monkeypatch, layers: int, second_moment: str = "rank1") -> tupl
     for _ in range(layers):  # matrices with 4-bit moments, vectors with float32 ones
         shapes += [(64,), (64, 192), (192,), (64, 64), (64,), (64, 256), (256,), (256, 64), (64,)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = AdamW4bit(params, backend="triton", second_moment=second_moment, min_quantized_numel=256)
+    opt = AdamW4bit(params, backend="triton", second_moment=second_moment, min_quantized_numel=256,
+                    scale_dtype=scale_dtype)
     for _ in range(3):
         for p in params:
             if p.grad is None:
@@ -50,10 +52,13 @@ def _steady_step(monkeypatch, layers: int, second_moment: str = "rank1") -> tupl
     return ops.count, len(launches)
 
 
-@pytest.mark.parametrize("second_moment", ["rank1", "block"])
-def test_host_work_of_a_step_does_not_grow_with_the_tensor_count(monkeypatch, second_moment):
-    small = _steady_step(monkeypatch, 1, second_moment)
-    large = _steady_step(monkeypatch, 12, second_moment)  # 110 tensors instead of 11
+@pytest.mark.parametrize("second_moment,scale_dtype", [
+    ("rank1", "float32"), ("block", "float32"), ("rank1", "bfloat16"), ("block", "bfloat16"),
+])
+def test_host_work_of_a_step_does_not_grow_with_the_tensor_count(monkeypatch, second_moment,
+                                                                 scale_dtype):
+    small = _steady_step(monkeypatch, 1, second_moment, scale_dtype)
+    large = _steady_step(monkeypatch, 12, second_moment, scale_dtype)  # 110 tensors instead of 11
     assert small == large
     # a handful: one launch per layout, dtype, alignment and row-block group
     assert large[0] <= 20 and large[1] <= 8, large

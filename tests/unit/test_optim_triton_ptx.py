@@ -36,14 +36,15 @@ FORBIDDEN = {
 SHAPES = [(64, 96), (40, 257), (2, 32, 64), (16, 256), (4096,), (1001,), (9, 11)]
 
 
-def _record(monkeypatch, second_moment: str, dtype: torch.dtype):
+def _record(monkeypatch, second_moment: str, dtype: torch.dtype, scale_dtype: str = "float32"):
     launches = []
     monkeypatch.setattr(_triton, "interpreted", lambda: True)
     monkeypatch.setattr(_triton, "_launch",
                         lambda kernel, grid, *args, **consts: launches.append((kernel, args, consts)))
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
-    opt = AdamW4bit(params, backend="triton", second_moment=second_moment, min_quantized_numel=100)
+    opt = AdamW4bit(params, backend="triton", second_moment=second_moment, min_quantized_numel=100,
+                    scale_dtype=scale_dtype)
     for _ in range(2):  # a fresh step, then one that reads the moments
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(dtype)
@@ -72,17 +73,20 @@ def _ptx(kernel, args, consts, **options) -> str:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """Every distinct launch of three steps' worth of configurations, compiled."""
+    """Every distinct launch of two steps of each configuration (second moment, parameter
+    dtype, scale dtype), compiled."""
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
     out = {}
     try:
-        for second_moment in ("rank1", "block", "factor"):
-            for dtype in (torch.float32, torch.bfloat16):
-                for kernel, args, consts in _record(mp, second_moment, dtype):
-                    key = (kernel.fn.__name__, tuple(sorted(consts.items())))
-                    if key not in out:
-                        out[key] = (kernel, args, consts, _ptx(kernel, args, consts))
+        cases = [(sm, dtype, "float32") for sm in ("rank1", "block", "factor")
+                 for dtype in (torch.float32, torch.bfloat16)]
+        cases += [("rank1", torch.float32, "bfloat16"), ("block", torch.float32, "bfloat16")]
+        for second_moment, dtype, scale_dtype in cases:
+            for kernel, args, consts in _record(mp, second_moment, dtype, scale_dtype):
+                key = (kernel.fn.__name__, tuple(sorted(consts.items())))
+                if key not in out:
+                    out[key] = (kernel, args, consts, _ptx(kernel, args, consts))
     finally:
         mp.undo()
     return out
@@ -96,6 +100,7 @@ def test_every_kernel_variant_was_compiled(compiled):
     assert {c["P_KIND"] for c in step} == {0, 1}
     assert {c["ALIGNED"] for c in step} == {False, True}
     assert {c["ROWBLK"] for c in step if c["MODE"] in (0, 2)} == {False, True}
+    assert {c["SCALE_BF16"] for c in step if c["MODE"] in (0, 1)} == {False, True}
 
 
 def test_no_fused_or_approximate_arithmetic(compiled):

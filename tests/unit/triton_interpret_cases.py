@@ -76,12 +76,15 @@ def _assert_identical(ref, ref_opt, got, got_opt):
                 assert sb[key] == value, key
 
 
-@pytest.mark.parametrize("second_moment,block_size", [
-    ("rank1", 128), ("block", 128), ("factor", 128), ("rank1", 32),
+@pytest.mark.parametrize("second_moment,block_size,scale_dtype", [
+    ("rank1", 128, "float32"), ("block", 128, "float32"), ("factor", 128, "float32"),
+    ("rank1", 32, "float32"), ("rank1", 128, "bfloat16"), ("block", 128, "bfloat16"),
 ])
-def test_interpreted_kernels_equal_the_cpp_kernel(interpreter, second_moment, block_size):
-    ref, ref_opt = _run("cpp", second_moment=second_moment, block_size=block_size)
-    got, got_opt = _run("triton", second_moment=second_moment, block_size=block_size)
+def test_interpreted_kernels_equal_the_cpp_kernel(interpreter, second_moment, block_size, scale_dtype):
+    ref, ref_opt = _run("cpp", second_moment=second_moment, block_size=block_size,
+                        scale_dtype=scale_dtype)
+    got, got_opt = _run("triton", second_moment=second_moment, block_size=block_size,
+                        scale_dtype=scale_dtype)
     _assert_identical(ref, ref_opt, got, got_opt)
     # Launches per step do not grow with the number of tensors: pass 2 once per layout,
     # alignment (sizes a multiple of 32 take the 16-byte vector path) and whether rows are a

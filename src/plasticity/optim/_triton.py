@@ -208,16 +208,17 @@ class Plan:
         for i, it in enumerate(items):
             aligned = _aligned(it.param.numel(), it.param, it.grad, it.m, it.v)
             rowblk = it.mode in (0, 2) and it.cols % it.block == 0
-            key = (it.block, it.mode, KINDS[it.param.dtype], KINDS[it.grad.dtype], aligned, rowblk)
+            bf16 = it.m_scale is not None and it.m_scale.dtype == torch.bfloat16
+            key = (it.block, it.mode, KINDS[it.param.dtype], KINDS[it.grad.dtype], aligned, rowblk, bf16)
             groups.setdefault(key, []).append(i)
-        for (block, mode, pkind, gkind, aligned, rowblk), idx in groups.items():
+        for (block, mode, pkind, gkind, aligned, rowblk, bf16), idx in groups.items():
             nb = max(1, min(8, 2048 // block))
             counts = [_ceil_div(_ceil_div(items[i].param.numel(), block), nb) for i in idx]
             prog, first = _programs(device, tuple(counts))
             rows = [self._row(i, pid0, inv=inv_of.get(i)) for i, pid0 in zip(idx, first, strict=True)]
             self._steps.append((k.step_kernel, prog, _ints(sum(rows, []), device),
                                 dict(MODE=mode, P_KIND=pkind, G_KIND=gkind, BLOCK=block, NB=nb,
-                                     ALIGNED=aligned, ROWBLK=rowblk)))
+                                     ALIGNED=aligned, ROWBLK=rowblk, SCALE_BF16=bf16)))
 
     def _row(self, i: int, pid0: int, maxima: tuple | None = None, inv: tuple | None = None) -> list[int]:
         """items[i]'s imeta row: maxima (pass 1) or inverse scales (pass 2) for rank1."""

@@ -52,7 +52,7 @@ TINY = tl.constexpr(1.1754943508222875e-38)  # quant.TINY, the smallest normal f
 @triton.jit
 def _at(base, row, FIELD: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
     """The tensor at imeta field FIELD (a byte offset from `base`) as a typed pointer: KIND 0
-    float32, 1 bfloat16, 2 float16, 3 uint8. ALIGNED: the host checked that the offset is a
+    float32, 1 bfloat16, 2 float16, 3 uint8, 4 uint16 (bfloat16 bit patterns). ALIGNED: the host checked that the offset is a
     multiple of 16 (`base` is 16-byte aligned), which lets the compiler use 16-byte accesses."""
     off = tl.load(row + FIELD)
     if ALIGNED:
@@ -64,8 +64,37 @@ def _at(base, row, FIELD: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexp
         return ptr.to(tl.pointer_type(tl.bfloat16))
     elif KIND == 2:
         return ptr.to(tl.pointer_type(tl.float16))
+    elif KIND == 4:
+        return ptr.to(tl.pointer_type(tl.uint16))
     else:
         return ptr
+
+
+@triton.jit
+def _load_scales(ptr, offs, mask, BF16: tl.constexpr):
+    """Block scales as float32, stored as float32 or (BF16) as bfloat16 bit patterns."""
+    if BF16:
+        u = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint32)
+        out = (u << 16).to(tl.float32, bitcast=True)
+    else:
+        out = tl.load(ptr + offs, mask=mask, other=0.0)
+    return out
+
+
+@triton.jit
+def _store_scales(ptr, offs, x, mask, BF16: tl.constexpr):
+    """Stores block scales `x` (finite, >= 0) and returns the values stored, which the codes
+    are quantized against: BF16 rounds to nearest even in integer operations, as the C++
+    kernel's Scales::put and PyTorch's .to(torch.bfloat16) do."""
+    if BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        tl.store(ptr + offs, r.to(tl.uint16), mask=mask)
+        out = (r << 16).to(tl.float32, bitcast=True)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+        out = x
+    return out
 
 
 @triton.jit
@@ -146,14 +175,17 @@ def nonfinite_kernel(base, imeta, fmeta, prog, bad_ptr, G_KIND: tl.constexpr, BL
 @triton.jit
 def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr,
                 P_KIND: tl.constexpr, G_KIND: tl.constexpr, BLOCK: tl.constexpr,
-                NB: tl.constexpr, ALIGNED: tl.constexpr, ROWBLK: tl.constexpr):
+                NB: tl.constexpr, ALIGNED: tl.constexpr, ROWBLK: tl.constexpr,
+                SCALE_BF16: tl.constexpr):
     """One AdamW step on NB blocks of BLOCK elements of one tensor.
 
     MODE 0 rank1, 1 block, 2 factor (4-bit moments: dequantize, update, requantize with fresh
     scales), 3 float32 moments. ALIGNED (the host checked: every streamed tensor 16-byte
     aligned, size a multiple of 32) lets the compiler use 16-byte loads and stores. ROWBLK
     (modes 0 and 2, the host checked: rows a multiple of BLOCK long) takes each block's row
-    scale once and its column scales as one contiguous run, without per-element division."""
+    scale once and its column scales as one contiguous run, without per-element division.
+    SCALE_BF16: block scales (the first moment's; MODE 1 the second moment's too) are stored
+    as bfloat16."""
     HALF: tl.constexpr = BLOCK // 2
     pid = tl.program_id(0)
     t = tl.load(prog + pid).to(tl.int64)
@@ -199,7 +231,7 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         tl.store(v_ptr + offs, v, mask=mask)
     else:
         mc_ptr = _at(base, row, MC, 3, ALIGNED)
-        ms_ptr = _at(base, row, MS, 0, False)
+        ms_ptr = _at(base, row, MS, 4 if SCALE_BF16 else 0, False)
         vc_ptr = _at(base, row, VC, 3, ALIGNED)
         if MODE != 1:
             cols = tl.load(row + COLS).to(tl.int32)
@@ -214,7 +246,7 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
                 j = o32 - i * cols
         mb = tl.load(mc_ptr + boffs, mask=bmask & ((boffs * 0 + fresh) == 0), other=0).to(tl.int32)
         mcode = tl.interleave(mb & 15, mb >> 4)
-        ms_old = tl.load(ms_ptr + blk, mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
+        ms_old = _load_scales(ms_ptr, blk, bvalid & ((blk * 0 + fresh) == 0), SCALE_BF16)
         mo = tl.where(old, tl.load(smap_ptr + mcode) * ms_old[:, None], 0.0)
         m = mo * b1 + g * omb1
         if MODE == 2:
@@ -240,8 +272,8 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
                 so = tl.minimum(ro, tl.load(_at(base, row, CO, 0, False) + j, mask=mask & old,
                                             other=0.0))
             else:
-                vs_old = tl.load(_at(base, row, VS, 0, False) + blk,
-                                 mask=bvalid & ((blk * 0 + fresh) == 0), other=0.0)
+                vs_old = _load_scales(_at(base, row, VS, 4 if SCALE_BF16 else 0, False), blk,
+                                      bvalid & ((blk * 0 + fresh) == 0), SCALE_BF16)
                 so = vs_old[:, None]
             vo = tl.where(old, ((vcode + 1.0) * 0.0625) * so, 0.0)
             v = vo * b2 + (g * g) * omb2
@@ -251,8 +283,8 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         # First moment: fresh block scales, nearest code by binary search on the boundaries.
         m = tl.where(mask, m, 0.0)
-        ms_new = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)
-        tl.store(ms_ptr + blk, ms_new, mask=bvalid)
+        ms_new = _store_scales(ms_ptr, blk, tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12), bvalid,
+                               SCALE_BF16)
         x = m * tl.div_rn(tl.full((NB,), 1.0, tl.float32), ms_new)[:, None]
         # The nearest code is the number of the 15 sorted boundaries below x (what a binary
         # search finds; NaN is below none): compares against 15 scalars, no per-element loads.
@@ -265,8 +297,8 @@ def step_kernel(base, imeta, fmeta, prog, smap_ptr, smid_ptr, MODE: tl.constexpr
         if MODE != 2:
             v = tl.where(mask, v, 0.0)
             if MODE == 1:
-                vs_new = tl.max(v, axis=1)
-                tl.store(_at(base, row, VS, 0, False) + blk, vs_new, mask=bvalid)
+                vs_new = _store_scales(_at(base, row, VS, 4 if SCALE_BF16 else 0, False), blk,
+                                       tl.max(v, axis=1), bvalid, SCALE_BF16)
                 # quant.inv_or_zero: the scale floored at the smallest normal float
                 inv = tl.where(vs_new > 0,
                                tl.div_rn(tl.full((NB,), 1.0, tl.float32),

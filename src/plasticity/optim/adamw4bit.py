@@ -192,7 +192,7 @@ class AdamW4bit(torch.optim.Optimizer):
     `block_size`, `min_quantized_numel`, `scale_dtype`, and set `quantize=False` to keep
     fp32 moments. `scale_dtype="bfloat16"` stores the block scales (the first moment's, and
     the block-wise second moment's) in 16 bits, rounded to nearest, and quantizes against
-    the rounded scale; it runs in C++ on the CPU and on the PyTorch path elsewhere.
+    the rounded scale; every backend supports it, with the same bits.
     `backend`: "auto" (C++ on CPU float32, Triton on CUDA, PyTorch otherwise), or force
     "cpp", "triton" or "torch" (each falls back to "torch" where it cannot run; "triton" runs
     on CPU tensors under Triton's interpreter, `TRITON_INTERPRET=1`, slowly, for debugging).
@@ -273,10 +273,10 @@ class AdamW4bit(torch.optim.Optimizer):
                 return group
         raise ValueError("p: not a parameter of this optimizer")
 
-    def _backend_for(self, p: torch.Tensor, block: int, scale_dtype: str = "float32") -> str:
+    def _backend_for(self, p: torch.Tensor, block: int) -> str:
         if type(self).v_map is not AdamW4bit.v_map or type(self).v_quantize is not AdamW4bit.v_quantize:
             return "torch"
-        if self.backend in ("auto", "triton") and scale_dtype == "float32":
+        if self.backend in ("auto", "triton"):
             from plasticity.optim import _triton
 
             on_device = p.is_cuda and _triton.available()
@@ -306,7 +306,7 @@ class AdamW4bit(torch.optim.Optimizer):
         cached = self.__dict__.get("_route_cache")
         if cached is None or cached[0] != sig:
             routes = [(group, p, self.layout(p, group),
-                       self._backend_for(p, group["block_size"], group.get("scale_dtype", "float32")))
+                       self._backend_for(p, group["block_size"]))
                       for group in self.param_groups for p in group["params"]]
             cached = self.__dict__["_route_cache"] = (sig, routes)
         return cached[1]
