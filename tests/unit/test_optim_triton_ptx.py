@@ -81,7 +81,8 @@ def compiled(tmp_path_factory):
     try:
         cases = [(sm, dtype, "float32") for sm in ("rank1", "block", "factor")
                  for dtype in (torch.float32, torch.bfloat16)]
-        cases += [("rank1", torch.float32, "bfloat16"), ("block", torch.float32, "bfloat16")]
+        cases += [("rank1", torch.float32, "bfloat16"), ("block", torch.float32, "bfloat16"),
+                  ("rank1", torch.bfloat16, "bfloat16")]
         for second_moment, dtype, scale_dtype in cases:
             for kernel, args, consts in _record(mp, second_moment, dtype, scale_dtype):
                 key = (kernel.fn.__name__, tuple(sorted(consts.items())))
