@@ -53,7 +53,7 @@ def make_params(shapes, device, dtype, seed) -> list[torch.nn.Parameter]:
 def candidates(device: str) -> dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]]:
     hp = dict(lr=1e-4, weight_decay=0.01)
     out: dict[str, Callable] = {
-        "torch AdamW fused (fp32 states)": lambda ps: torch.optim.AdamW(ps, fused=True, **hp),
+        BASELINE: lambda ps: torch.optim.AdamW(ps, fused=True, **hp),
         "AdamW4bit rank1": lambda ps: AdamW4bit(ps, second_moment="rank1", **hp),
         "AdamW4bit block": lambda ps: AdamW4bit(ps, second_moment="block", **hp),
         "AdamW4bit factor": lambda ps: AdamW4bit(ps, second_moment="factor", **hp),
@@ -97,11 +97,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+BASELINE = "torch AdamW fused (fp32 states)"
+
+
 def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[str] | None,
-        seed: int = 0) -> dict:
+        seed: int = 0, makers: dict[str, Callable] | None = None) -> dict:
+    """Times `makers` (default: `candidates(device)`; it must hold BASELINE) on shared
+    GPT-2-medium-shaped parameters."""
     shapes = gpt2_medium_shapes(layers)
     n_params = sum(torch.Size(s).numel() for s in shapes)
-    makers = candidates(device)
+    makers = candidates(device) if makers is None else makers
     if only:
         makers = {k: v for k, v in makers.items() if k.startswith("torch AdamW") or any(o in k for o in only)}
     # One set of parameters and gradients for all (memory: 2 x 1.4 GB at full size); each
@@ -134,7 +139,7 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     gpu = {name: _device_seconds(opt) for name, opt in opts.items()} if device == "cuda" else {}
-    base_name = "torch AdamW fused (fp32 states)"
+    base_name = BASELINE
     base = statistics.median(times[base_name])
     base_cpu = statistics.median(cpu[base_name])
     rows = []

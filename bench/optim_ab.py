@@ -51,27 +51,29 @@ def timed(fns: dict, repeats: int, inner: int = 1) -> dict[str, list[float]]:
 
 
 def full_steps(mods: dict, repeats: int, layers: int, second_moment: str) -> None:
-    from bench.optim import gpt2_medium_shapes, make_params
+    """`bench.optim`'s step timing, with one AdamW4bit per build in place of its candidates."""
+    from bench.optim import BASELINE, print_table, run
 
-    ps = make_params(gpt2_medium_shapes(layers), "cpu", torch.float32, 0)
-    fns = {"torch AdamW fused": torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01, fused=True).step}
     _cpu._module = next(iter(mods.values()))  # (so that no other build is made)
-    for name, mod in mods.items():
-        opt = AdamW4bit(ps, lr=1e-4, weight_decay=0.01, second_moment=second_moment)
 
-        def step(mod=mod, opt=opt):
-            _cpu._module = mod  # the build this optimizer steps with
-            opt.step()
+    def with_build(mod):
+        def make(ps):
+            opt = AdamW4bit(ps, lr=1e-4, weight_decay=0.01, second_moment=second_moment)
+            step = opt.step
 
-        fns[name] = step
-    res = timed(fns, repeats)
-    base = res["torch AdamW fused"]
-    print(f"{sum(p.numel() for p in ps) / 1e6:.1f}M params, AdamW4bit {second_moment}, "
-          f"median of {repeats} steps")
-    for k, v in res.items():
-        paired = statistics.median(a / b for a, b in zip(v, base, strict=True))
-        print(f"{k:40s} {statistics.median(v) * 1e3:9.1f} ms   ratio {statistics.median(v) / statistics.median(base):5.2f}"
-              f"   paired {paired:5.2f}")
+            def stepped(closure=None):
+                _cpu._module = mod  # the build this optimizer steps with
+                return step(closure)
+
+            opt.step = stepped
+            return opt
+
+        return make
+
+    makers = {BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01, fused=True)}
+    makers.update({name: with_build(mod) for name, mod in mods.items()})
+    print(f"AdamW4bit {second_moment}, one optimizer per kernel build")
+    print_table(run("cpu", torch.float32, layers, repeats, None, makers=makers))
 
 
 def passes(mods: dict, repeats: int, rows: int, cols: int) -> None:
