@@ -283,7 +283,6 @@ inline uint32_t reduce_max_epu32(__m256i v) {
 }
 
 constexpr int64_t kPrefetch = 512;
-constexpr int64_t kPrefetch1 = 2048;
 #endif
 
 // 1 / s, or 0 for s == 0 (then every value it scales is 0 too). A scale below the smallest
@@ -627,11 +626,13 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
           __m256i cmv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cmj));
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t e = (i0 + r) * cols + j;
+            // The next group's rows, at the same column (18% faster on a 50257 x 1024
+            // tensor than a fixed distance ahead, which falls inside this group's rows).
             if ((j & 15) == 0) {
-              _mm_prefetch(reinterpret_cast<const char*>(g + e + kPrefetch1), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(g + e + kRows * cols), _MM_HINT_T0);
             }
             if ((j & 127) == 0) {
-              _mm_prefetch(reinterpret_cast<const char*>(vc + (e + kPrefetch1) / 2), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(vc + (e + kRows * cols) / 2), _MM_HINT_T0);
             }
             const __m256 gj = _mm256_loadu_ps(g + e);
             __m256 vo = _mm256_setzero_ps();
