@@ -241,7 +241,8 @@ def _check_identical_bits(block_size, scale_dtype="float32"):
     # Rows that are multiples of 16 (the kernel's vector path), rows that are not, blocks
     # that straddle rows, odd sizes, tensors of three or four dimensions and tensors small
     # enough to keep fp32 moments.
-    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000), (24, 512), (3, 16, 64), (4096,), (5, 7), (33,)]
+    shapes = SHAPES + [(7, 9, 11), (129,), (33, 1000), (24, 512), (3, 16, 64), (4096,), (5, 7), (33,),
+                       (16, 256)]
     for sm in ("rank1", "block", "factor"):
         runs = []
         for backend in ("cpp", "torch"):
@@ -250,10 +251,12 @@ def _check_identical_bits(block_size, scale_dtype="float32"):
             opt = AdamW4bit(ps, second_moment=sm, min_quantized_numel=64, backend=backend,
                             block_size=block_size, scale_dtype=scale_dtype, **HP)
             for _ in range(4):
-                for p in ps:
+                for i, p in enumerate(ps):
                     g = outlier_grad(tuple(p.shape), gen)
-                    if g.dim() >= 2 and g.shape[0] > 2:
-                        # Second moments of subnormal size (their scales too) and of zero.
+                    if g.dim() >= 2 and g.shape[0] > 2 and i % 2 == 0:
+                        # Second moments of subnormal size (their scales too) and of zero
+                        # (in every other tensor: the others keep scales that the kernel
+                        # divides by 16 exactly, and dequantizes without a table).
                         g[0] *= 1e-20
                         g[1] = 0.0
                     p.grad = g
@@ -265,6 +268,51 @@ def _check_identical_bits(block_size, scale_dtype="float32"):
             for key, value in oa.state[a].items():
                 other = ob.state[b][key]
                 assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (sm, key)
+
+
+def test_tiny_old_scales_dequantize_alike_in_both_paths():
+    """Where every old second-moment scale s has an exact s / 16 (0, or at least 2^-122)
+    the kernel dequantizes without a table; below that it must not. Old scales set to
+    2^-122 itself, to values just below it (full mantissas, whose sixteenths round), to
+    subnormals and zeros: the next step equals the PyTorch path's bit for bit."""
+    from plasticity.optim import _cpu
+
+    assert _cpu.available(), "the C++ kernel did not build"
+    edge = 2.0 ** -122
+    below = torch.tensor([edge * (1 - 2.0 ** -24) * f for f in (1.0, 0.93, 0.71, 0.52, 0.37)])
+    variants = {
+        "at 2^-122": lambda n, gen: torch.where(torch.rand(n, generator=gen) < 0.5, edge, 1e-3),
+        "just below": lambda n, gen: below[torch.randint(0, len(below), (n,), generator=gen)],
+        "subnormal and zero": lambda n, gen: torch.where(torch.rand(n, generator=gen) < 0.5, 1e-40, 0.0),
+    }
+    for sm in ("rank1", "block"):
+        for name, make in variants.items():
+            runs = []
+            for backend in ("cpp", "torch"):
+                gen = torch.Generator().manual_seed(11)
+                ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 512), (16, 256)]]
+                opt = AdamW4bit(ps, second_moment=sm, min_quantized_numel=64, backend=backend, **HP)
+                for step in range(3):
+                    for p in ps:
+                        p.grad = outlier_grad(tuple(p.shape), gen) * 1e-18
+                    if step == 2:  # the old scales the last step dequantizes with
+                        for p in ps:
+                            st = opt.state[p]
+                            if sm == "rank1":
+                                rows = st["exp_avg_sq_max0"]
+                                rows.copy_(make(rows.numel(), gen).to(rows.dtype))
+                            else:
+                                sc = st["exp_avg_sq_scale"]
+                                sc.copy_(make(sc.numel(), gen).to(sc.dtype))
+                    opt.step()
+                runs.append((ps, opt))
+            (pa, oa), (pb, ob) = runs
+            for a, b in zip(pa, pb, strict=True):
+                assert torch.equal(a, b), (sm, name, a.shape)
+                for key, value in oa.state[a].items():
+                    other = ob.state[b][key]
+                    same = torch.equal(value, other) if torch.is_tensor(value) else value == other
+                    assert same, (sm, name, key)
 
 
 def test_kernel_quantizers_match_the_pytorch_path_on_every_boundary():
