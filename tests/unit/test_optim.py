@@ -379,6 +379,39 @@ def test_factor_statistics_in_chunks_match_float64():
             torch.testing.assert_close(c.double(), ref_c, rtol=1e-5, atol=0)
 
 
+def test_factor_statistics_of_the_kernel_equal_the_pytorch_path():
+    _check_factor_statistics()
+
+
+def _check_factor_statistics():
+    """The C++ kernel's row and column sums of g^2 (`factor_stats`) equal the PyTorch
+    path's pairwise sums bit for bit: odd and power-of-two lengths, one row or column,
+    batches, rows split among threads, the PyTorch path in chunks (of whole batches, of
+    rows, of one row, a row longer than its buffer), gradients with outliers, subnormal
+    squares and zeros. A plain sum in another order differs in these bits."""
+    from plasticity.optim import _cpu
+    from plasticity.optim.adamw4bit import _mean_squares
+
+    mod = _cpu.load()
+    assert mod is not None, "the C++ kernel did not build"
+    gen = torch.Generator().manual_seed(4)
+    differs = 0
+    for shape in [(1, 1, 1), (1, 1, 9), (1, 7, 1), (3, 7, 13), (1, 33, 1000), (2, 100, 33),
+                  (4, 17, 64), (1, 1024, 48), (1, 513, 40)]:
+        g3 = torch.randn(shape, generator=gen) * torch.rand(shape[-1], generator=gen)
+        flat = g3.view(-1)
+        flat[::97] *= 1e12
+        flat[::89] *= 1e-22
+        flat[::53] = 0.0
+        rs, cs = mod.factor_stats(g3.contiguous(), shape[1], shape[2])
+        for cap in [16, 64, 1000, 10**6]:
+            r, c = _mean_squares(g3, torch.full((cap,), float("nan")))
+            assert torch.equal(r, rs / shape[2]) and torch.equal(c, cs / shape[1]), (shape, cap)
+        plain = (g3 * g3).sum(-2)
+        differs += int(not torch.equal(plain, cs))
+    assert differs > 0  # (the bits above are the order's, not any sum's)
+
+
 @pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx2"])
 def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
@@ -389,7 +422,8 @@ def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
         "import sys; sys.path.insert(0, 'tests/unit'); import test_optim as t; "
         "from plasticity.optim import _cpu; "
         f"assert '{flag}' in _cpu.CFLAGS; "
-        "t._check_quantizers(); t._check_identical_bits(128); t._check_identical_bits(64); "
+        "t._check_quantizers(); t._check_factor_statistics(); t._check_identical_bits(128); "
+        "t._check_identical_bits(64); "
         "t._check_identical_bits(128, 'bfloat16'); print('ok')"
     )
     env = dict(os.environ, PLASTICITY_KERNEL_FLAGS=flag)

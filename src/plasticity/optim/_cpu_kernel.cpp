@@ -23,6 +23,8 @@
 #include <limits>
 #include <vector>
 
+#include <omp.h>
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -1143,6 +1145,163 @@ void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   }
 }
 
+// ------------------------------------------------------------------ factor statistics
+// Sums of g^2 along each row and each column of every (rows x cols) slice, each as the
+// pairwise tree that plasticity.optim.adamw4bit._pair_sums spells out in PyTorch
+// operations: adjacent pairs added, an odd last element carried up unchanged, until one
+// value is left (the same as a perfect tree over the length rounded up to a power of two,
+// padded with zeros, since every operand is >= +0). Same order, same bits.
+
+// Gradients read this many elements ahead (a prefetch per 64-byte line).
+constexpr int64_t kFactorPrefetch = 2048;
+
+// out[j] = x[2j] + x[2j + 1] for j < n / 2, then x[n - 1] if n is odd: one level of the
+// tree, in place allowed (out == x); returns the new length.
+inline int64_t pair_level(const float* x, float* out, int64_t n) {
+  const int64_t h = n / 2;
+  int64_t j = 0;
+#ifdef PLASTICITY_AVX2
+  for (; j + 8 <= h; j += 8) {
+    const __m256 a = _mm256_loadu_ps(x + 2 * j), b = _mm256_loadu_ps(x + 2 * j + 8);
+    // hadd pairs within 128-bit halves: a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7.
+    const __m256 s = _mm256_hadd_ps(a, b);
+    _mm256_storeu_ps(out + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xd8)));
+  }
+#elif defined(PLASTICITY_AVX512)
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (; j + 16 <= h; j += 16) {
+    const __m512 a = _mm512_loadu_ps(x + 2 * j), b = _mm512_loadu_ps(x + 2 * j + 16);
+    _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_permutex2var_ps(a, ev, b),
+                                            _mm512_permutex2var_ps(a, od, b)));
+  }
+#endif
+  for (; j < h; ++j) out[j] = x[2 * j] + x[2 * j + 1];
+  if (n & 1) out[h] = x[n - 1];
+  return h + (n & 1);
+}
+
+// a[j] += b[j]: a node of the column tree from its two children (a the earlier rows').
+inline void add_into(float* a, const float* b, int64_t n) {
+  int64_t j = 0;
+#ifdef PLASTICITY_AVX2
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(a + j, _mm256_add_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
+#elif defined(PLASTICITY_AVX512)
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(a + j, _mm512_add_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)));
+#endif
+  for (; j < n; ++j) a[j] = a[j] + b[j];
+}
+
+// Rows [r0, r1) of one slice: their row sums into row_sum[r0..r1), and the root of their
+// column tree (a subtree of the slice's when r0 is a multiple of a power of two >= r1 - r0)
+// into root. A stack of partial column sums, one per level, as a binary counter.
+void factor_rows(const float* g, int64_t r0, int64_t r1, int64_t cols, float* row_sum,
+                 float* root) {
+  std::vector<std::vector<float>> level;  // level[k]: the sum of 2^k rows, if filled
+  std::vector<bool> filled;
+  std::vector<float> carry(cols), spare, half((cols + 1) / 2);
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* gi = g + i * cols;
+    int64_t j = 0;
+#ifdef PLASTICITY_AVX2
+    for (; j + 16 <= cols; j += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(gi + j + kFactorPrefetch), _MM_HINT_T0);
+      const __m256 x = _mm256_loadu_ps(gi + j), y = _mm256_loadu_ps(gi + j + 8);
+      _mm256_storeu_ps(carry.data() + j, _mm256_mul_ps(x, x));
+      _mm256_storeu_ps(carry.data() + j + 8, _mm256_mul_ps(y, y));
+    }
+#elif defined(PLASTICITY_AVX512)
+    for (; j + 16 <= cols; j += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(gi + j + kFactorPrefetch), _MM_HINT_T0);
+      const __m512 x = _mm512_loadu_ps(gi + j);
+      _mm512_storeu_ps(carry.data() + j, _mm512_mul_ps(x, x));
+    }
+#endif
+    for (; j < cols; ++j) carry[j] = gi[j] * gi[j];
+    // The row's tree.
+    if (cols == 1) {
+      row_sum[i] = carry[0];
+    } else {
+      int64_t n = pair_level(carry.data(), half.data(), cols);
+      while (n > 1) n = pair_level(half.data(), half.data(), n);
+      row_sum[i] = half[0];
+    }
+    // The column tree: merge equal levels, earlier rows on the left.
+    size_t k = 0;
+    for (; k < filled.size() && filled[k]; ++k) {
+      add_into(level[k].data(), carry.data(), cols);
+      std::swap(level[k], carry);
+      filled[k] = false;
+    }
+    if (k == filled.size()) {
+      level.emplace_back();
+      filled.push_back(false);
+    }
+    if (level[k].size() != static_cast<size_t>(cols)) level[k].resize(cols);
+    std::swap(level[k], carry);
+    filled[k] = true;
+    if (carry.size() != static_cast<size_t>(cols)) carry.resize(cols);
+  }
+  // What is left, from the lowest level up: a missing right subtree is zeros.
+  bool have = false;
+  for (size_t k = 0; k < filled.size(); ++k) {
+    if (!filled[k]) continue;
+    if (!have) {
+      std::copy(level[k].begin(), level[k].end(), root);
+      have = true;
+    } else {
+      // root = level[k] + root: level[k] holds the earlier rows.
+      add_into(level[k].data(), root, cols);
+      std::copy(level[k].begin(), level[k].end(), root);
+    }
+  }
+  if (!have) std::fill(root, root + cols, 0.0f);
+}
+
+// Row and column sums of g^2 over each of the batch = numel / (rows * cols) slices:
+// {row_sum (batch x rows), col_sum (batch x cols)}. The rows of a slice are split among
+// up to as many threads as run, in aligned power-of-two ranges (subtrees of the column
+// tree), whose roots are then combined as the tree's top levels.
+std::vector<torch::Tensor> factor_stats(torch::Tensor grad, int64_t rows, int64_t cols) {
+  check_f32(grad, "grad");
+  TORCH_CHECK(rows > 0 && cols > 0 && grad.numel() % (rows * cols) == 0,
+              "factor_stats: rows * cols does not divide numel");
+  const int64_t batch = grad.numel() / (rows * cols);
+  auto row_sum = torch::empty({batch, rows}, grad.options());
+  auto col_sum = torch::empty({batch, cols}, grad.options());
+  const float* g = grad.data_ptr<float>();
+  float* rs = row_sum.data_ptr<float>();
+  float* cs = col_sum.data_ptr<float>();
+  int64_t span = 1;  // rows per range: a power of two, at least 16 rows' worth of work each
+  while (span < rows) span <<= 1;
+  const int64_t threads = std::max(1, omp_get_max_threads());
+  while (span > 16 && (rows + span - 1) / span < threads) span >>= 1;
+  const int64_t ranges = (rows + span - 1) / span;
+  std::vector<float> roots(ranges * cols);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* gb = g + b * rows * cols;
+#pragma omp parallel for schedule(static) if (ranges > 1)
+    for (int64_t t = 0; t < ranges; ++t) {
+      factor_rows(gb, t * span, std::min(rows, (t + 1) * span), cols, rs + b * rows,
+                  roots.data() + t * cols);
+    }
+    // The ranges' roots are the leaves of the top of the tree.
+    int64_t n = ranges;
+    while (n > 1) {
+      const int64_t h = n / 2;
+      for (int64_t k = 0; k < h; ++k) {
+        float* dst = roots.data() + k * cols;
+        add_into(roots.data() + 2 * k * cols, roots.data() + (2 * k + 1) * cols, cols);
+        if (k > 0) std::copy(roots.data() + 2 * k * cols, roots.data() + (2 * k + 1) * cols, dst);
+      }
+      if (n & 1) std::copy(roots.data() + (n - 1) * cols, roots.data() + n * cols, roots.data() + h * cols);
+      n = h + (n & 1);
+    }
+    std::copy(roots.data(), roots.data() + cols, cs + b * cols);
+  }
+  return {row_sum, col_sum};
+}
+
 // Codes of the signed (first-moment) or linear (second-moment) map for values already
 // multiplied by their inverse scale, computed by the vector code the passes use where the
 // CPU has it (the scalar loops for the rest): lets tests check the quantizers on values
@@ -1191,4 +1350,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("all_finite", &all_finite, "whether every element of a float32 tensor is finite");
   m.def("rank1_stats", &rank1_stats, "row/column maxima of the new second moment");
   m.def("fused_step", &fused_step, "one fused 4-bit AdamW step for one tensor");
+  m.def("factor_stats", &factor_stats, "row and column sums of g^2, as pairwise trees");
 }

@@ -111,35 +111,61 @@ def _all_flags(flags: list[Any]) -> list[bool]:
 _SQUARES_CHUNK = 1 << 20  # elements of g^2 held at once on the CPU (4 MB)
 
 
+def _pair_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of `x` along `dim` (removed) as a pairwise tree: adjacent pairs added, an odd
+    last element carried up unchanged, until one is left. For values >= +0 (squares) this
+    is the perfect tree over the length rounded up to a power of two, zero-padded: the C++
+    kernel's `factor_stats` sums in this order too, so both give the same bits."""
+    dim = dim % x.dim()
+    if x.shape[dim] == 1:
+        return x.squeeze(dim).clone()  # (never a view of the caller's buffer)
+    while x.shape[dim] > 1:
+        n = x.shape[dim]
+        h = n // 2
+        pairs = x.narrow(dim, 0, 2 * h).unflatten(dim, (h, 2))
+        s = pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+        x = torch.cat([s, x.narrow(dim, n - 1, 1)], dim) if n & 1 else s
+    return x.squeeze(dim)
+
+
 def _mean_squares(g3: torch.Tensor, scratch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Means of g^2 over the last and the second-to-last dimension of (B, rows, cols) `g3`.
 
-    With a `scratch` buffer (the CPU) g^2 is formed in it a chunk at a time (whole batches,
-    or rows of one batch) instead of as a new tensor the size of the parameter. Every
-    backend calls this, so they all sum in the same order."""
+    On the CPU the sums are pairwise trees (`_pair_sums`, the order of the C++ kernel's
+    `factor_stats`), with g^2 formed in `scratch` a chunk at a time (whole batches, or an
+    aligned power-of-two number of rows of one batch: subtrees of the column tree) instead
+    of as a new tensor the size of the parameter. On CUDA, PyTorch's reductions."""
     nb, rows, cols = g3.shape
-    cap = scratch.numel() if scratch is not None else g3.numel()
-    row_sum = torch.empty(nb, rows, device=g3.device)
-    col_sum = torch.zeros(nb, cols, device=g3.device)
+    if g3.is_cuda or scratch is None:
+        sq = g3 * g3
+        return sq.sum(dim=-1) / cols, sq.sum(dim=-2) / rows
+    cap = scratch.numel()
 
     def square(gc: torch.Tensor) -> torch.Tensor:
-        if scratch is None or gc.numel() > scratch.numel():  # a row longer than the buffer
+        if gc.numel() > cap:  # a row longer than the buffer
             return gc * gc
         return torch.mul(gc, gc, out=scratch[:gc.numel()].view(gc.shape))
 
     if rows * cols <= cap:
+        row_sum = torch.empty(nb, rows)
+        col_sum = torch.empty(nb, cols)
         step = max(1, cap // (rows * cols))
         for b0 in range(0, nb, step):
             sq = square(g3[b0:b0 + step])
-            torch.sum(sq, dim=-1, out=row_sum[b0:b0 + step])
-            torch.sum(sq, dim=-2, out=col_sum[b0:b0 + step])
+            row_sum[b0:b0 + step] = _pair_sums(sq, -1)
+            col_sum[b0:b0 + step] = _pair_sums(sq, -2)
     else:
-        step = max(1, cap // cols)
+        span = 1 << max(0, (cap // cols).bit_length() - 1)  # rows per chunk, a power of two
+        row_parts, col_sums = [], []
         for b in range(nb):
-            for r0 in range(0, rows, step):
-                sq = square(g3[b, r0:r0 + step])
-                torch.sum(sq, dim=-1, out=row_sum[b, r0:r0 + step])
-                col_sum[b] += sq.sum(dim=-2)
+            roots = []
+            for r0 in range(0, rows, span):
+                sq = square(g3[b, r0:r0 + span])
+                row_parts.append(_pair_sums(sq, -1))
+                roots.append(_pair_sums(sq, -2))
+            col_sums.append(_pair_sums(torch.stack(roots), 0))
+        row_sum = torch.cat(row_parts).view(nb, rows)
+        col_sum = torch.stack(col_sums)
     return row_sum / cols, col_sum / rows
 
 
@@ -554,7 +580,13 @@ class AdamW4bit(torch.optim.Optimizer):
                 g3.shape[0], rows, device=p.device)
             c_old = st["exp_avg_sq_col"].reshape(-1, cols) if not fresh else torch.zeros(
                 g3.shape[0], cols, device=p.device)
-            row_msq, col_msq = _mean_squares(g3, self._squares_scratch(g3))
+            if backend == "cpp":
+                from plasticity.optim import _cpu
+
+                row_sum, col_sum = _cpu.load().factor_stats(g.contiguous(), rows, cols)
+                row_msq, col_msq = row_sum / cols, col_sum / rows
+            else:
+                row_msq, col_msq = _mean_squares(g3, self._squares_scratch(g3))
             r_new = r_old * b2 + row_msq * (1.0 - b2)
             c_new = c_old * b2 + col_msq * (1.0 - b2)
             r_mean = r_new.mean(dim=-1, keepdim=True)
