@@ -71,7 +71,8 @@ def test_triton_equals_the_cpu_path_bit_for_bit(second_moment, dtype, scale_dtyp
     """No fused multiply-adds, correctly rounded division and square root: the same bits as
     the CPU (float32: the C++ kernel; bf16: the PyTorch path, which rounds the float32 update
     once), with float32 or bfloat16 block scales. `factor` is left out: its row and column
-    means of g^2 are PyTorch reductions, which sum in a different order on CUDA."""
+    means of g^2 are PyTorch's reductions on CUDA, which sum in another order than the
+    CPU's pairwise trees."""
     backend = "auto" if dtype == torch.float32 else "torch"
     cpu_p, cpu_o = _run("cpu", backend, second_moment, dtype=dtype, scale_dtype=scale_dtype)
     gpu_p, gpu_o = _run("cuda", "triton", second_moment, dtype=dtype, scale_dtype=scale_dtype)

@@ -14,7 +14,8 @@ tables built on the host (`_triton.Plan`; the constants anew each step):
 The arithmetic is the C++ kernel's, operation for operation: launched with
 `enable_fp_fusion=False`, correctly rounded division and square root, so on a GPU the
 results equal the CPU path's bit for bit (bf16 parameters: the float32 update rounded once;
-`factor`'s statistics come from PyTorch reductions, which sum in another order on CUDA).
+`factor`'s statistics come from PyTorch's reductions on CUDA, which sum in another order
+than the CPU's pairwise trees).
 """
 
 from __future__ import annotations

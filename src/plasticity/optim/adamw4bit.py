@@ -15,6 +15,9 @@ set `quantize=False`):
   - "factor": Adafactor-style fp32 running means of g^2 over rows and columns, rebuilt as
     (R / mean(R)) (x) C; for ndim >= 3 the statistics are taken over the last two
     dimensions (one (R, C) pair per leading index); 1-D tensors use blocks, as in "rank1".
+    On the CPU each row and column sum of g^2 is a pairwise tree (adjacent pairs added, an
+    odd last element carried up), the same in the C++ kernel and in PyTorch operations;
+    on CUDA, PyTorch's reductions.
 
 Other tensors keep fp32 moments. One step, per tensor: p <- p (1 - lr wd); dequantize m and
 v; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2; p <- p - lr / (1 - b1^t) * m /
