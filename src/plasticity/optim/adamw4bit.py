@@ -137,15 +137,15 @@ def _mean_squares(g3: torch.Tensor, scratch: torch.Tensor | None) -> tuple[torch
     On the CPU the sums are pairwise trees (`_pair_sums`, the order of the C++ kernel's
     `factor_stats`), with g^2 formed in `scratch` a chunk at a time (whole batches, or an
     aligned power-of-two number of rows of one batch: subtrees of the column tree) instead
-    of as a new tensor the size of the parameter. On CUDA, PyTorch's reductions."""
+    of as a new tensor the size of the parameter. On GPUs, PyTorch's reductions."""
     nb, rows, cols = g3.shape
-    if g3.is_cuda or scratch is None:
+    if g3.device.type != "cpu":
         sq = g3 * g3
         return sq.sum(dim=-1) / cols, sq.sum(dim=-2) / rows
-    cap = scratch.numel()
+    cap = scratch.numel() if scratch is not None else g3.numel()
 
     def square(gc: torch.Tensor) -> torch.Tensor:
-        if gc.numel() > cap:  # a row longer than the buffer
+        if scratch is None or gc.numel() > cap:  # (no buffer, or a row longer than it)
             return gc * gc
         return torch.mul(gc, gc, out=scratch[:gc.numel()].view(gc.shape))
 
