@@ -1259,9 +1259,9 @@ void factor_rows(const float* g, int64_t r0, int64_t r1, int64_t cols, float* ro
 }
 
 // Row and column sums of g^2 over each of the batch = numel / (rows * cols) slices:
-// {row_sum (batch x rows), col_sum (batch x cols)}. The rows of a slice are split among
-// up to as many threads as run, in aligned power-of-two ranges (subtrees of the column
-// tree), whose roots are then combined as the tree's top levels.
+// {row_sum (batch x rows), col_sum (batch x cols)}. The rows of a slice are split into
+// aligned power-of-two ranges (subtrees of the column tree) that the threads share, and
+// the ranges' roots are then combined as the tree's top levels.
 std::vector<torch::Tensor> factor_stats(torch::Tensor grad, int64_t rows, int64_t cols) {
   check_f32(grad, "grad");
   TORCH_CHECK(rows > 0 && cols > 0 && grad.numel() % (rows * cols) == 0,
@@ -1272,15 +1272,18 @@ std::vector<torch::Tensor> factor_stats(torch::Tensor grad, int64_t rows, int64_
   const float* g = grad.data_ptr<float>();
   float* rs = row_sum.data_ptr<float>();
   float* cs = col_sum.data_ptr<float>();
-  int64_t span = 1;  // rows per range: a power of two, at least 16 rows' worth of work each
+  // Rows per range: a power of two (the sums do not depend on it), small enough for four
+  // ranges per thread, handed out one at a time (aligned ranges rarely split the rows
+  // evenly: 50257 rows in two ranges would be 32768 and 17489), and at least 16 rows.
+  int64_t span = 1;
   while (span < rows) span <<= 1;
   const int64_t threads = std::max(1, omp_get_max_threads());
-  while (span > 16 && (rows + span - 1) / span < threads) span >>= 1;
+  while (span > 16 && (rows + span - 1) / span < 4 * threads) span >>= 1;
   const int64_t ranges = (rows + span - 1) / span;
   std::vector<float> roots(ranges * cols);
   for (int64_t b = 0; b < batch; ++b) {
     const float* gb = g + b * rows * cols;
-#pragma omp parallel for schedule(static) if (ranges > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (ranges > 1)
     for (int64_t t = 0; t < ranges; ++t) {
       factor_rows(gb, t * span, std::min(rows, (t + 1) * span), cols, rs + b * rows,
                   roots.data() + t * cols);
