@@ -108,7 +108,7 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
     n_params = sum(torch.Size(s).numel() for s in shapes)
     makers = candidates(device) if makers is None else makers
     if only:
-        makers = {k: v for k, v in makers.items() if k.startswith("torch AdamW") or any(o in k for o in only)}
+        makers = {k: v for k, v in makers.items() if k == BASELINE or any(o in k for o in only)}
     # One set of parameters and gradients for all (memory: 2 x 1.4 GB at full size); each
     # optimizer steps it in turn, which moves the same bytes as separate copies would.
     params = make_params(shapes, device, dtype, seed)
@@ -139,9 +139,8 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     gpu = {name: _device_seconds(opt) for name, opt in opts.items()} if device == "cuda" else {}
-    base_name = BASELINE
-    base = statistics.median(times[base_name])
-    base_cpu = statistics.median(cpu[base_name])
+    base = statistics.median(times[BASELINE])
+    base_cpu = statistics.median(cpu[BASELINE])
     rows = []
     for name in opts:
         med = statistics.median(times[name])
@@ -152,13 +151,13 @@ def run(device: str, dtype: torch.dtype, layers: int, repeats: int, only: list[s
         med_cpu = statistics.median(cpu[name])
         # The ratio within each repeat (steps taken moments apart), then its median: steadier
         # than the ratio of medians when the machine's speed drifts between repeats.
-        paired = statistics.median(t / b for t, b in zip(times[name], times[base_name], strict=True))
+        paired = statistics.median(t / b for t, b in zip(times[name], times[BASELINE], strict=True))
         rows.append({"optimizer": name, "median_s": med, "ratio": med / base, "paired_ratio": paired,
                      "median_cpu_s": med_cpu, "cpu_ratio": med_cpu / base_cpu,
                      "min_s": min(times[name]), "max_s": max(times[name]),
                      "state_bytes_per_param": nbytes / n_params,
                      "device_s": gpu.get(name, float("nan")),
-                     "device_ratio": gpu.get(name, float("nan")) / gpu.get(base_name, float("nan"))})
+                     "device_ratio": gpu.get(name, float("nan")) / gpu.get(BASELINE, float("nan"))})
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "n_params": n_params,
             "layers": layers, "repeats": repeats, "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",

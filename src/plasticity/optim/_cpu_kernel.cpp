@@ -300,15 +300,22 @@ inline __m256 linear8(const uint8_t* p, __m256 s16) {
 constexpr int64_t kPrefetch = 512;
 #endif
 
-// Whether s / 16 is exact for every scale (0, or at least 2^-122 so that the quotient is
-// a normal float): the condition for linear8.
+// Whether s / 16 is exact (s is 0, or at least 2^-122 so that the quotient is a normal
+// float; NaN is not): the condition for linear8.
+inline bool sixteenth_exact(float s) { return s == 0.0f || s >= 0x1p-122f; }
+
 inline bool sixteenths_exact(const float* s, int64_t n) {
   bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= s[i] == 0.0f || s[i] >= 0x1p-122f;  // (NaN: false)
+  for (int64_t i = 0; i < n; ++i) ok &= sixteenth_exact(s[i]);
   return ok;
 }
 
-inline bool sixteenth_exact(float s) { return s == 0.0f || s >= 0x1p-122f; }
+// s[i] / 16 for each scale (exact where sixteenths_exact holds).
+inline std::vector<float> sixteenths(const float* s, int64_t n) {
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = s[i] * 0.0625f;
+  return out;
+}
 
 // 1 / s, or 0 for s == 0 (then every value it scales is 0 too). A scale below the smallest
 // normal float is taken as that float, so the inverse, and every value times it, is finite.
@@ -711,13 +718,8 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
     // The AVX-512 loop above on 8 lanes (avx2_stats); with linear8 where the old scales
     // allow (both scale vectors then hold sixteenths).
     const bool lin = !fresh && sixteenths_exact(rs, rows) && sixteenths_exact(cs, cols);
-    std::vector<float> rs16, cs16;
-    if (lin) {
-      rs16.resize(rows);
-      cs16.resize(cols);
-      for (int64_t i = 0; i < rows; ++i) rs16[i] = rs[i] * 0.0625f;
-      for (int64_t j = 0; j < cols; ++j) cs16[j] = cs[j] * 0.0625f;
-    }
+    const std::vector<float> rs16 = lin ? sixteenths(rs, rows) : std::vector<float>();
+    const std::vector<float> cs16 = lin ? sixteenths(cs, cols) : std::vector<float>();
     const Avx2Stats st{g, vc, lin ? rs16.data() : rs, lin ? cs16.data() : cs, rm, rows, cols, b2, omb2};
 #pragma omp parallel reduction(| : bad)
     {
@@ -839,13 +841,9 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   const float* ICN = icn_v.data();
 #ifdef PLASTICITY_AVX2
   // Rank-1: linear8 for the whole tensor when every old scale divides by 16 exactly.
-  std::vector<float> co16_v;
   const bool lin0 = mode == 0 && !fresh && sixteenths_exact(RO, row_old.numel()) &&
                     sixteenths_exact(CO, col_old.numel());
-  if (lin0) {
-    co16_v.resize(col_old.numel());
-    for (size_t j = 0; j < co16_v.size(); ++j) co16_v[j] = CO[j] * 0.0625f;
-  }
+  const std::vector<float> co16_v = lin0 ? sixteenths(CO, col_old.numel()) : std::vector<float>();
   const Avx2Step a2{P, G, MC, MS, VC, VS, RO, CO, RN, CN, IRN, ICN, co16_v.data(), c, cols, rows_per_batch, n,
                     block, SignedBounds(smid)};
 #endif
@@ -1199,7 +1197,7 @@ void factor_rows(const float* g, int64_t r0, int64_t r1, int64_t cols, float* ro
                  float* root) {
   std::vector<std::vector<float>> level;  // level[k]: the sum of 2^k rows, if filled
   std::vector<bool> filled;
-  std::vector<float> carry(cols), spare, half((cols + 1) / 2);
+  std::vector<float> carry(cols), half((cols + 1) / 2);
   for (int64_t i = r0; i < r1; ++i) {
     const float* gi = g + i * cols;
     int64_t j = 0;
