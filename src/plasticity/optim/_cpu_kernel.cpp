@@ -4,10 +4,10 @@
 // without fast-math and with -ffp-contract=off: every operation rounds exactly as the
 // pure-PyTorch path in plasticity.optim.adamw4bit does, so both give identical bits.
 //
-// Where the compiler targets AVX-512 (F, BW, DQ, VL), both passes run 16 lanes at a time
-// for tensors whose rows (rank-1) or blocks (block-wise) are multiples of 16 elements; where
-// it targets AVX2 and FMA but not AVX-512, the same operations run 8 lanes at a time (rows a
-// multiple of 8 in pass 1, blocks a multiple of 16 in pass 2). The scalar loops handle every
+// Both passes' vector loops (simd_block, simd_stats) are written once, in the operations of
+// `Simd`: 16 lanes where the compiler targets AVX-512 (F, BW, DQ, VL), 8 lanes where it
+// targets AVX2 and FMA but not AVX-512. They take rank-1 statistics over rows a multiple of
+// W elements and update blocks a multiple of 16 elements; the scalar loops handle every
 // other case. All give the same bits.
 //
 // Codes: two 4-bit codes per byte, element 2k in the low nibble of byte k, element
@@ -193,14 +193,62 @@ inline __m512i signed_codes16(__m512 x, const SignedTables& t) {
   return _mm512_mask_add_epi32(idx, gt, idx, _mm512_set1_epi32(1));
 }
 
-// Software prefetch distances in elements, measured best on the full GPT-2-medium shapes:
-// the update pass (several streams, ~1 ns per element) and the statistics pass (one stream
-// of gradients, ~4 times faster per element).
+// The vector operations the passes are written in (simd_block, simd_stats), 16 lanes wide.
+struct Simd {
+  static constexpr int W = 16;
+  // Dequantize the second moment by a table permute (one operation) rather than linear's
+  // conversion and multiply-add.
+  static constexpr bool kLinear = false;
+  using F = __m512;
+  using I = __m512i;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static I load_u32(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static void store_u32(uint32_t* p, I x) { _mm512_storeu_si512(p, x); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static I zero_u32() { return _mm512_setzero_si512(); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  // Running maxima of bit patterns (of x, or of |x|) as unsigned integers: the order of
+  // non-negative floats.
+  static I max_bits(I acc, F x) { return _mm512_max_epu32(acc, _mm512_castps_si512(x)); }
+  static I max_abs_bits(I acc, F x) {
+    return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce_max(I x) { return _mm512_reduce_max_epu32(x); }
+  // A 16-entry map times a scale, and its values for the W codes packed at p.
+  struct Table {
+    __m512 t;
+  };
+  static Table table(const float* map, float s) {
+    return {_mm512_mul_ps(_mm512_loadu_ps(map), _mm512_set1_ps(s))};
+  }
+  static F lookup(const uint8_t* p, const Table& t) { return _mm512_permutexvar_ps(unpack16(p), t.t); }
+  // The linear map's value times s for the codes at p, given s16 = s / 16 exactly (see the
+  // AVX2 linear8).
+  static F linear(const uint8_t* p, F s16) {
+    const __m512i c = _mm512_and_si512(unpack16(p), _mm512_set1_epi32(15));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s16, s16);
+  }
+  static I unsigned_codes(F x) { return unsigned_codes16(x); }
+  using SignedQ = SignedTables;
+  static I signed_codes(F x, const SignedQ& q) { return signed_codes16(x, q); }
+  // The codes of 16 elements (16 / W vectors) -> 8 packed bytes.
+  static void pack(const I* c, uint8_t* p) { pack16(c[0], p); }
+};
+
+// Software prefetch distance of the update pass in elements, measured best on the full
+// GPT-2-medium shapes.
 constexpr int64_t kPrefetch = 512;
-constexpr int64_t kPrefetch1 = 2048;
 #elif defined(__AVX2__) && defined(__FMA__)
 #define PLASTICITY_AVX2 1
-// The AVX-512 passes' operations on 8 lanes, for CPUs with AVX2 but not AVX-512.
+// Simd's operations on 8 lanes, for CPUs with AVX2 but not AVX-512.
 
 // Codes of 8 elements from 4 packed bytes: `idx` holds code & 7 in the low 3 bits of each
 // 32-bit lane (what a permute reads), `top` the code's bit 3 in the sign bit (what a blend
@@ -297,7 +345,53 @@ inline __m256 linear8(const uint8_t* p, __m256 s16) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), s16, s16);
 }
 
+// The vector operations the passes are written in (simd_block, simd_stats), 8 lanes wide;
+// see the AVX-512 Simd.
+struct Simd {
+  static constexpr int W = 8;
+  // linear8 beats the table's two permutes and blend.
+  static constexpr bool kLinear = true;
+  using F = __m256;
+  using I = __m256i;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static I load_u32(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void store_u32(uint32_t* p, I x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static I zero_u32() { return _mm256_setzero_si256(); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static I max_bits(I acc, F x) { return _mm256_max_epu32(acc, _mm256_castps_si256(x)); }
+  static I max_abs_bits(I acc, F x) {
+    return _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff)));
+  }
+  static uint32_t reduce_max(I x) { return reduce_max_epu32(x); }
+  struct Table {
+    __m256 lo, hi;
+  };
+  static Table table(const float* map, float s) {
+    const __m256 vs = _mm256_set1_ps(s);
+    return {_mm256_mul_ps(_mm256_loadu_ps(map), vs), _mm256_mul_ps(_mm256_loadu_ps(map + 8), vs)};
+  }
+  static F lookup(const uint8_t* p, const Table& t) { return lookup8(unpack8(p), t.lo, t.hi); }
+  static F linear(const uint8_t* p, F s16) { return linear8(p, s16); }
+  static I unsigned_codes(F x) { return unsigned_codes8(x); }
+  using SignedQ = SignedBounds;
+  static I signed_codes(F x, const SignedQ& q) { return signed_codes8(x, q); }
+  static void pack(const I* c, uint8_t* p) { pack16(c[0], c[1], p); }
+};
+
 constexpr int64_t kPrefetch = 512;
+#endif
+
+#if defined(PLASTICITY_AVX512) || defined(PLASTICITY_AVX2)
+#define PLASTICITY_SIMD 1
 #endif
 
 // Whether s / 16 is exact (s is 0, or at least 2^-122 so that the quotient is a normal
@@ -357,8 +451,8 @@ struct StepConstants {
         omb1(static_cast<float>(1.0 - beta1)), b2(static_cast<float>(beta2)),
         omb2(static_cast<float>(1.0 - beta2)), ibc2(static_cast<float>(inv_bc2_sqrt)),
         eps(static_cast<float>(eps_)), ss(static_cast<float>(step_size)) {}
-  // The scalar update, in the PyTorch path's order of operations (the AVX-512 loops
-  // spell out the same operations on 16 lanes).
+  // The scalar update, in the PyTorch path's order of operations (simd_block and
+  // simd_stats spell out the same operations W lanes at a time).
   float m_new(float m_old, float g) const { return m_old * b1 + g * omb1; }
   float v_new(float v_old, float g) const { return v_old * b2 + (g * g) * omb2; }
   float p_new(float p, float m, float v) const {
@@ -410,9 +504,9 @@ void check_scales(const torch::Tensor& t, const char* name) {
               name, " must be a contiguous float32 or bfloat16 CPU tensor");
 }
 
-#ifdef PLASTICITY_AVX2
+#ifdef PLASTICITY_SIMD
 // What every block of a fused_step needs (see fused_step for the meaning of each array).
-struct Avx2Step {
+struct SimdStep {
   float* P;
   const float* G;
   uint8_t* MC;
@@ -423,53 +517,55 @@ struct Avx2Step {
   const float* CO16;  // CO / 16, for MODE 0 with LIN
   StepConstants c;
   int64_t cols, rows_per_batch, n, block;
-  SignedBounds sbounds;
+  Simd::SignedQ sq;
 };
-struct Avx2Block {
+struct SimdBlock {
   int64_t b, e0, len, i0, j0;
   float* M;  // per-thread scratch of block floats: the new first moment
   float* V;  // and, for MODE 1, the new second moment
 };
 
-// One block of fused_step on 8 lanes (the AVX-512 loop's operations, two vectors per 16
-// elements, 8 code bytes), for a second-moment mode and first-step flag fixed at compile
-// time (the loop runs 13% faster without their tests). len is a multiple of 16; for
-// MODE 0 and 2 the block lies inside one row. LIN: the old second moment's scales divide
-// by 16 exactly, so linear8 dequantizes it.
+// One block of fused_step in Simd's vectors: the scalar loops' operations W lanes at a
+// time, 16 elements (8 code bytes) per iteration, with the second moment's rank-1 codes
+// written as soon as they are computed. The second-moment mode and the first-step flag are
+// fixed at compile time (the loop runs 13% faster without their tests). len is a multiple
+// of 16; for MODE 0 and 2 the block lies inside one row. LIN: the old second moment's
+// scales divide by 16 exactly, so Simd::linear dequantizes it.
 template <int MODE, bool FRESH, bool LIN>
-void avx2_block(const Avx2Step& a, const Avx2Block& k0) {
+void simd_block(const SimdStep& a, const SimdBlock& k0) {
+  using S = Simd;
+  using F = S::F;
+  using I = S::I;
+  constexpr int H = 16 / S::W;  // vectors per iteration
   const StepConstants& c = a.c;
   const int64_t b = k0.b, e0 = k0.e0, len = k0.len, i0 = k0.i0, j0 = k0.j0;
-  const __m256 vb1 = _mm256_set1_ps(c.b1), vomb1 = _mm256_set1_ps(c.omb1);
-  const __m256 vb2 = _mm256_set1_ps(c.b2), vomb2 = _mm256_set1_ps(c.omb2);
-  const __m256 vibc2 = _mm256_set1_ps(c.ibc2), veps = _mm256_set1_ps(c.eps);
-  const __m256 vss = _mm256_set1_ps(c.ss), vdecay = _mm256_set1_ps(c.decay);
-  const float ms_old = FRESH ? 0.0f : a.MS.get(b);
-  const float* smap = kMaps.signed_map;
-  const __m256 mlo = _mm256_mul_ps(_mm256_loadu_ps(smap), _mm256_set1_ps(ms_old));
-  const __m256 mhi = _mm256_mul_ps(_mm256_loadu_ps(smap + 8), _mm256_set1_ps(ms_old));
-  const __m256 ulo = _mm256_loadu_ps(kMaps.unsigned_map);
-  const __m256 uhi = _mm256_loadu_ps(kMaps.unsigned_map + 8);
-  const __m256 vro = _mm256_set1_ps(FRESH || MODE != 0 ? 0.0f : a.RO[i0]);
-  const __m256 virn = _mm256_set1_ps(MODE == 0 ? a.IRN[i0] : 0.0f);
-  const __m256 vvs = _mm256_set1_ps(FRESH || MODE != 1 ? 0.0f : a.VS.get(b));
-  const __m256 vro16 = _mm256_set1_ps(FRESH || MODE != 0 ? 0.0f : a.RO[i0] * 0.0625f);
-  const __m256 vvs16 = _mm256_set1_ps(FRESH || MODE != 1 ? 0.0f : a.VS.get(b) * 0.0625f);
+  const F vb1 = S::set1(c.b1), vomb1 = S::set1(c.omb1);
+  const F vb2 = S::set1(c.b2), vomb2 = S::set1(c.omb2);
+  const F vibc2 = S::set1(c.ibc2), veps = S::set1(c.eps);
+  const F vss = S::set1(c.ss), vdecay = S::set1(c.decay);
+  // The first moment's map times its block scale: table[c] * scale, as element-wise.
+  const S::Table mtab = S::table(kMaps.signed_map, FRESH ? 0.0f : a.MS.get(b));
+  const S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
+  const F vro = S::set1(FRESH || MODE != 0 ? 0.0f : a.RO[i0]);
+  const F virn = S::set1(MODE == 0 ? a.IRN[i0] : 0.0f);
+  const F vvs = S::set1(FRESH || MODE != 1 ? 0.0f : a.VS.get(b));
+  const F vro16 = S::set1(FRESH || MODE != 0 ? 0.0f : a.RO[i0] * 0.0625f);
+  const F vvs16 = S::set1(FRESH || MODE != 1 ? 0.0f : a.VS.get(b) * 0.0625f);
   const float* co16b = MODE == 0 && LIN ? a.CO16 + j0 : nullptr;
-  const __m256 vrn = _mm256_set1_ps(MODE == 2 ? a.RN[i0] : 0.0f);
+  const F vrn = S::set1(MODE == 2 ? a.RN[i0] : 0.0f);
   const float* cnb = MODE == 2 ? a.CN + (i0 / a.rows_per_batch) * a.cols + j0 : nullptr;
   const float* cob = MODE == 0 ? a.CO + j0 : nullptr;
   const float* icb = MODE == 0 ? a.ICN + j0 : nullptr;
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const uint8_t* mcb = a.MC + e0 / 2;
   uint8_t* vcb = MODE != 2 ? a.VC + e0 / 2 : nullptr;
   float* Pb = a.P + e0;
   const float* Gb = a.G + e0;
   float* M = k0.M;
   float* V = k0.V;
-  __m256i mmaxv = _mm256_setzero_si256(), vmaxv = _mm256_setzero_si256();
+  I mmaxv = S::zero_u32(), vmaxv = S::zero_u32();
   {
-    // As in the AVX-512 loop: parameter, gradient and codes kPrefetch elements ahead.
+    // The hardware prefetchers fall behind on this many streams: ask for the parameter,
+    // gradient and codes kPrefetch elements ahead.
     const int64_t ahead = e0 + kPrefetch;
     if (ahead + a.block <= a.n) {
       for (int64_t k = 0; k < a.block; k += 16) {
@@ -483,59 +579,59 @@ void avx2_block(const Avx2Step& a, const Avx2Block& k0) {
     }
   }
   for (int64_t k = 0; k < len; k += 16) {
-    __m256i vcode[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t kk = k + 8 * h;
-      const __m256 g = _mm256_loadu_ps(Gb + kk);
-      const __m256 mo = FRESH ? _mm256_setzero_ps() : lookup8(unpack8(mcb + kk / 2), mlo, mhi);
-      const __m256 m = _mm256_add_ps(_mm256_mul_ps(mo, vb1), _mm256_mul_ps(g, vomb1));
-      __m256 v;
+    I vcode[H];
+    for (int h = 0; h < H; ++h) {
+      const int64_t kk = k + S::W * h;
+      const F g = S::load(Gb + kk);
+      const F mo = FRESH ? S::zero() : S::lookup(mcb + kk / 2, mtab);
+      const F m = S::add(S::mul(mo, vb1), S::mul(g, vomb1));
+      F v;
       if (MODE == 2) {
-        v = _mm256_mul_ps(vrn, _mm256_loadu_ps(cnb + kk));
+        v = S::mul(vrn, S::load(cnb + kk));
       } else {
-        __m256 vo = _mm256_setzero_ps();
+        F vo = S::zero();
         if (!FRESH && LIN) {
-          vo = linear8(vcb + kk / 2, MODE == 0 ? _mm256_min_ps(vro16, _mm256_loadu_ps(co16b + kk)) : vvs16);
+          vo = S::linear(vcb + kk / 2, MODE == 0 ? S::min(vro16, S::load(co16b + kk)) : vvs16);
         } else if (!FRESH) {
-          const __m256 code = lookup8(unpack8(vcb + kk / 2), ulo, uhi);
-          vo = _mm256_mul_ps(code, MODE == 0 ? _mm256_min_ps(vro, _mm256_loadu_ps(cob + kk)) : vvs);
+          vo = S::mul(S::lookup(vcb + kk / 2, utab), MODE == 0 ? S::min(vro, S::load(cob + kk)) : vvs);
         }
-        v = _mm256_add_ps(_mm256_mul_ps(vo, vb2), _mm256_mul_ps(_mm256_mul_ps(g, g), vomb2));
+        v = S::add(S::mul(vo, vb2), S::mul(S::mul(g, g), vomb2));
       }
-      const __m256 den = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), vibc2), veps);
-      const __m256 pd = _mm256_mul_ps(_mm256_loadu_ps(Pb + kk), vdecay);
-      _mm256_storeu_ps(Pb + kk, _mm256_sub_ps(pd, _mm256_mul_ps(_mm256_div_ps(m, den), vss)));
-      _mm256_storeu_ps(M + kk, m);
-      mmaxv = _mm256_max_epu32(mmaxv, _mm256_and_si256(_mm256_castps_si256(m), absmask));
+      const F den = S::add(S::mul(S::sqrt(v), vibc2), veps);
+      const F pd = S::mul(S::load(Pb + kk), vdecay);
+      S::store(Pb + kk, S::sub(pd, S::mul(S::div(m, den), vss)));
+      S::store(M + kk, m);
+      mmaxv = S::max_abs_bits(mmaxv, m);
       if (MODE == 0) {
-        const __m256 inv = _mm256_max_ps(virn, _mm256_loadu_ps(icb + kk));
-        vcode[h] = unsigned_codes8(_mm256_mul_ps(v, inv));
+        vcode[h] = S::unsigned_codes(S::mul(v, S::max(virn, S::load(icb + kk))));
       } else if (MODE == 1) {
-        _mm256_storeu_ps(V + kk, v);
-        vmaxv = _mm256_max_epu32(vmaxv, _mm256_castps_si256(v));
+        S::store(V + kk, v);
+        vmaxv = S::max_bits(vmaxv, v);
       }
     }
-    if (MODE == 0) pack16(vcode[0], vcode[1], vcb + k / 2);  // both halves read first
+    if (MODE == 0) S::pack(vcode, vcb + k / 2);  // all of the iteration's codes read first
   }
-  const uint32_t mbits = reduce_max_epu32(mmaxv);
+  const uint32_t mbits = S::reduce_max(mmaxv);
   float mscale;
   std::memcpy(&mscale, &mbits, sizeof(mscale));
   mscale = a.MS.put(b, std::max(mscale, 1e-12f));
-  const __m256 vinv = _mm256_set1_ps(1.0f / mscale);
+  const F vinv = S::set1(1.0f / mscale);
   uint8_t* mcw = a.MC + e0 / 2;
-  const SignedBounds sb = a.sbounds;
+  const S::SignedQ sq = a.sq;
   for (int64_t k = 0; k < len; k += 16) {
-    pack16(signed_codes8(_mm256_mul_ps(_mm256_loadu_ps(M + k), vinv), sb),
-           signed_codes8(_mm256_mul_ps(_mm256_loadu_ps(M + k + 8), vinv), sb), mcw + k / 2);
+    I code[H];
+    for (int h = 0; h < H; ++h) code[h] = S::signed_codes(S::mul(S::load(M + k + S::W * h), vinv), sq);
+    S::pack(code, mcw + k / 2);
   }
   if (MODE == 1) {
-    const uint32_t vbits = reduce_max_epu32(vmaxv);
+    const uint32_t vbits = S::reduce_max(vmaxv);
     float vs;
     std::memcpy(&vs, &vbits, sizeof(vs));
-    const __m256 ivs = _mm256_set1_ps(inv_or_zero(a.VS.put(b, vs)));
+    const F ivs = S::set1(inv_or_zero(a.VS.put(b, vs)));
     for (int64_t k = 0; k < len; k += 16) {
-      pack16(unsigned_codes8(_mm256_mul_ps(_mm256_loadu_ps(V + k), ivs)),
-             unsigned_codes8(_mm256_mul_ps(_mm256_loadu_ps(V + k + 8), ivs)), vcb + k / 2);
+      I code[H];
+      for (int h = 0; h < H; ++h) code[h] = S::unsigned_codes(S::mul(S::load(V + k + S::W * h), ivs));
+      S::pack(code, vcb + k / 2);
     }
   }
 }
@@ -556,10 +652,10 @@ bool all_finite(torch::Tensor t) {
   return bad == 0;
 }
 
-#ifdef PLASTICITY_AVX2
-// What rank1_stats's AVX2 loop reads and writes (rs and cs: the old scales, or their
+#ifdef PLASTICITY_SIMD
+// What rank1_stats's vector loop reads and writes (rs and cs: the old scales, or their
 // sixteenths for LIN).
-struct Avx2Stats {
+struct SimdStats {
   const float* g;
   const uint8_t* vc;
   const float *rs, *cs;
@@ -568,33 +664,37 @@ struct Avx2Stats {
   float b2, omb2;
 };
 
-// This thread's share of rank1_stats (called inside the parallel region): row maxima into
-// rm, column maxima into cmax; returns 1 if a new second moment is not finite. Groups of
-// kRows rows, so that each column-maximum vector is loaded and stored once per group.
+// This thread's share of rank1_stats (called inside the parallel region): the scalar
+// loop's operations W lanes at a time, row maxima into rm, column maxima into cmax; returns
+// 1 if a new second moment is not finite. Groups of kRows rows, so that each column-maximum
+// vector is loaded and stored once per group. cols is a multiple of W.
 template <bool FRESH, bool LIN>
-uint32_t avx2_stats(const Avx2Stats& s, uint32_t* cmax) {
+uint32_t simd_stats(const SimdStats& s, uint32_t* cmax) {
+  using S = Simd;
+  using F = S::F;
+  using I = S::I;
   constexpr int64_t kRows = 4;
   const int64_t rows = s.rows, cols = s.cols;
   const float* g = s.g;
   const uint8_t* vc = s.vc;
   const int64_t groups = (rows + kRows - 1) / kRows;
-  const __m256 vb2 = _mm256_set1_ps(s.b2), vomb2 = _mm256_set1_ps(s.omb2);
-  const __m256 ulo = _mm256_loadu_ps(kMaps.unsigned_map), uhi = _mm256_loadu_ps(kMaps.unsigned_map + 8);
+  const F vb2 = S::set1(s.b2), vomb2 = S::set1(s.omb2);
+  const S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
   uint32_t bad = 0;
 #pragma omp for schedule(static) nowait
   for (int64_t q = 0; q < groups; ++q) {
     const int64_t i0 = q * kRows;
     const int64_t nr = std::min(kRows, rows - i0);
-    __m256 vri[kRows];
-    __m256i rmaxv[kRows];
+    F vri[kRows];
+    I rmaxv[kRows];
     for (int64_t r = 0; r < kRows; ++r) {
-      vri[r] = _mm256_set1_ps(FRESH || r >= nr ? 0.0f : s.rs[i0 + r]);
-      rmaxv[r] = _mm256_setzero_si256();
+      vri[r] = S::set1(FRESH || r >= nr ? 0.0f : s.rs[i0 + r]);
+      rmaxv[r] = S::zero_u32();
     }
-    for (int64_t j = 0; j < cols; j += 8) {
-      const __m256 csj = FRESH ? _mm256_setzero_ps() : _mm256_loadu_ps(s.cs + j);
+    for (int64_t j = 0; j < cols; j += S::W) {
+      const F csj = FRESH ? S::zero() : S::load(s.cs + j);
       uint32_t* cmj = cmax + j;
-      __m256i cmv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cmj));
+      I cmv = S::load_u32(cmj);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t e = (i0 + r) * cols + j;
         // The next group's rows, at the same column (18% faster on a 50257 x 1024 tensor
@@ -605,24 +705,24 @@ uint32_t avx2_stats(const Avx2Stats& s, uint32_t* cmax) {
         if ((j & 127) == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(vc + (e + kRows * cols) / 2), _MM_HINT_T0);
         }
-        const __m256 gj = _mm256_loadu_ps(g + e);
-        __m256 vo = _mm256_setzero_ps();
+        const F gj = S::load(g + e);
+        F vo = S::zero();
         if (!FRESH && LIN) {
-          vo = linear8(vc + e / 2, _mm256_min_ps(vri[r], csj));
+          vo = S::linear(vc + e / 2, S::min(vri[r], csj));
         } else if (!FRESH) {
-          vo = _mm256_mul_ps(lookup8(unpack8(vc + e / 2), ulo, uhi), _mm256_min_ps(vri[r], csj));
+          vo = S::mul(S::lookup(vc + e / 2, utab), S::min(vri[r], csj));
         }
-        const __m256 vn = _mm256_add_ps(_mm256_mul_ps(vo, vb2),
-                                        _mm256_mul_ps(_mm256_mul_ps(gj, gj), vomb2));
-        const __m256i u = _mm256_castps_si256(vn);
-        rmaxv[r] = _mm256_max_epu32(rmaxv[r], u);
-        cmv = _mm256_max_epu32(cmv, u);
+        const F vn = S::add(S::mul(vo, vb2), S::mul(S::mul(gj, gj), vomb2));
+        rmaxv[r] = S::max_bits(rmaxv[r], vn);
+        cmv = S::max_bits(cmv, vn);
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cmj), cmv);
+      S::store_u32(cmj, cmv);
     }
     for (int64_t r = 0; r < nr; ++r) {
-      const uint32_t rmax = reduce_max_epu32(rmaxv[r]);
-      bad |= static_cast<uint32_t>(rmax >= 0x7f800000u);  // as in the AVX-512 loop
+      const uint32_t rmax = S::reduce_max(rmaxv[r]);
+      // The new second moment is >= +0 or NaN (either sign) or +inf: as unsigned bit
+      // patterns, NaN and +inf are exactly those >= +inf's, so the row's maximum tells.
+      bad |= static_cast<uint32_t>(rmax >= 0x7f800000u);
       std::memcpy(s.rm + i0 + r, &rmax, sizeof(rmax));
     }
   }
@@ -652,81 +752,21 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
   auto col_max = torch::zeros({cols}, grad.options());
   float* rm = row_max.data_ptr<float>();
   float* cm = col_max.data_ptr<float>();
-  const float* vmap = kMaps.unsigned_map;
   uint32_t bad = 0;
-#ifdef PLASTICITY_AVX512
-  if ((cols & 15) == 0) {
-    // Vectorized: the scalar loop's operations 16 lanes at a time, over groups of kRows
-    // rows so that each column-maximum vector is loaded and stored once per group.
-    constexpr int64_t kRows = 4;
-    const int64_t groups = (rows + kRows - 1) / kRows;
-#pragma omp parallel reduction(| : bad)
-    {
-      std::vector<uint32_t> cmax(cols, 0u);
-      const __m512 vb2 = _mm512_set1_ps(b2), vomb2 = _mm512_set1_ps(omb2);
-      const __m512 umap = _mm512_loadu_ps(vmap);
-#pragma omp for schedule(static)
-      for (int64_t q = 0; q < groups; ++q) {
-        const int64_t i0 = q * kRows;
-        const int64_t nr = std::min(kRows, rows - i0);
-        __m512 vri[kRows];
-        __m512i rmaxv[kRows];
-        for (int64_t r = 0; r < kRows; ++r) {
-          vri[r] = _mm512_set1_ps(fresh || r >= nr ? 0.0f : rs[i0 + r]);
-          rmaxv[r] = _mm512_setzero_si512();
-        }
-        for (int64_t j = 0; j < cols; j += 16) {
-          const __m512 csj = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(cs + j);
-          uint32_t* cmj = cmax.data() + j;
-          __m512i cmv = _mm512_loadu_si512(cmj);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t e = (i0 + r) * cols + j;
-            _mm_prefetch(reinterpret_cast<const char*>(g + e + kPrefetch1), _MM_HINT_T0);
-            if ((j & 127) == 0) {
-              _mm_prefetch(reinterpret_cast<const char*>(vc + (e + kPrefetch1) / 2), _MM_HINT_T0);
-            }
-            const __m512 gj = _mm512_loadu_ps(g + e);
-            __m512 vo = _mm512_setzero_ps();
-            if (!fresh) {
-              const __m512 code = _mm512_permutexvar_ps(unpack16(vc + e / 2), umap);
-              vo = _mm512_mul_ps(code, _mm512_min_ps(vri[r], csj));
-            }
-            const __m512 vn = _mm512_add_ps(_mm512_mul_ps(vo, vb2),
-                                            _mm512_mul_ps(_mm512_mul_ps(gj, gj), vomb2));
-            const __m512i u = _mm512_castps_si512(vn);
-            rmaxv[r] = _mm512_max_epu32(rmaxv[r], u);
-            cmv = _mm512_max_epu32(cmv, u);
-          }
-          _mm512_storeu_si512(cmj, cmv);
-        }
-        for (int64_t r = 0; r < nr; ++r) {
-          const uint32_t rmax = _mm512_reduce_max_epu32(rmaxv[r]);
-          // The new second moment is >= +0 or NaN (either sign) or +inf: as unsigned bit
-          // patterns, NaN and +inf are exactly those >= +inf's, so the row's maximum tells.
-          bad |= static_cast<uint32_t>(rmax >= 0x7f800000u);
-          std::memcpy(rm + i0 + r, &rmax, sizeof(rmax));
-        }
-      }
-#pragma omp critical
-      merge_col_max(cm, cmax);
-    }
-    auto finite = torch::full({1}, bad == 0 ? 1 : 0, torch::dtype(torch::kInt32));
-    return {row_max, col_max, finite};
-  }
-#elif defined(PLASTICITY_AVX2)
-  if ((cols & 7) == 0) {
-    // The AVX-512 loop above on 8 lanes (avx2_stats); with linear8 where the old scales
-    // allow (both scale vectors then hold sixteenths).
-    const bool lin = !fresh && sixteenths_exact(rs, rows) && sixteenths_exact(cs, cols);
+#ifdef PLASTICITY_SIMD
+  if (cols % Simd::W == 0) {
+    // Vectorized (simd_stats); with Simd::linear where it pays and the old scales allow
+    // (both scale vectors then hold sixteenths).
+    const bool lin = Simd::kLinear && !fresh && sixteenths_exact(rs, rows) && sixteenths_exact(cs, cols);
     const std::vector<float> rs16 = lin ? sixteenths(rs, rows) : std::vector<float>();
     const std::vector<float> cs16 = lin ? sixteenths(cs, cols) : std::vector<float>();
-    const Avx2Stats st{g, vc, lin ? rs16.data() : rs, lin ? cs16.data() : cs, rm, rows, cols, b2, omb2};
+    const SimdStats st{g, vc, lin ? rs16.data() : rs, lin ? cs16.data() : cs, rm, rows, cols, b2, omb2};
 #pragma omp parallel reduction(| : bad)
     {
       std::vector<uint32_t> cmax(cols, 0u);
-      if (fresh) bad |= avx2_stats<true, false>(st, cmax.data());
-      else if (lin) bad |= avx2_stats<false, true>(st, cmax.data());
-      else bad |= avx2_stats<false, false>(st, cmax.data());
+      if (fresh) bad |= simd_stats<true, false>(st, cmax.data());
+      else if (lin) bad |= simd_stats<false, true>(st, cmax.data());
+      else bad |= simd_stats<false, false>(st, cmax.data());
 #pragma omp critical
       merge_col_max(cm, cmax);
     }
@@ -839,22 +879,20 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
   }
   const float* IRN = irn_v.data();
   const float* ICN = icn_v.data();
-#ifdef PLASTICITY_AVX2
-  // Rank-1: linear8 for the whole tensor when every old scale divides by 16 exactly.
-  const bool lin0 = mode == 0 && !fresh && sixteenths_exact(RO, row_old.numel()) &&
+#ifdef PLASTICITY_SIMD
+  // Rank-1: Simd::linear for the whole tensor where it pays and every old scale divides by
+  // 16 exactly.
+  const bool lin0 = Simd::kLinear && mode == 0 && !fresh && sixteenths_exact(RO, row_old.numel()) &&
                     sixteenths_exact(CO, col_old.numel());
   const std::vector<float> co16_v = lin0 ? sixteenths(CO, col_old.numel()) : std::vector<float>();
-  const Avx2Step a2{P, G, MC, MS, VC, VS, RO, CO, RN, CN, IRN, ICN, co16_v.data(), c, cols, rows_per_batch, n,
-                    block, SignedBounds(smid)};
+  const SimdStep st{P, G, MC, MS, VC, VS, RO, CO, RN, CN, IRN, ICN, co16_v.data(), c, cols, rows_per_batch, n,
+                    block, Simd::SignedQ(smid)};
 #endif
 
 #pragma omp parallel
   {
     std::vector<uint8_t> cm(block), cv(block);
     std::vector<float> mo(block), vo(block), so(block), sn(block), M(block), V(block);
-#ifdef PLASTICITY_AVX512
-    const SignedTables stab(smid);
-#endif
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t e0 = b * block;
@@ -864,107 +902,19 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
       const int64_t i0 = (mode == 1) ? 0 : e0 / cols, j0 = (mode == 1) ? 0 : e0 - i0 * cols;
       // Rank-1 block inside one row (the common case): one fused loop below.
       const bool fast = mode == 0 && j0 + len <= cols;
-#ifdef PLASTICITY_AVX512
+#ifdef PLASTICITY_SIMD
       if ((fast || mode == 1 || (mode == 2 && j0 + len <= cols)) && (len & 15) == 0) {
-        // The same operations as the scalar loops below, 16 lanes at a time, with the
-        // second moment's rank-1 codes written as soon as they are computed. Factored
-        // second moments (mode 2) are a row factor times a column factor.
-        const __m512 vb1 = _mm512_set1_ps(c.b1), vomb1 = _mm512_set1_ps(c.omb1);
-        const __m512 vb2 = _mm512_set1_ps(c.b2), vomb2 = _mm512_set1_ps(c.omb2);
-        const __m512 vibc2 = _mm512_set1_ps(c.ibc2), veps = _mm512_set1_ps(c.eps);
-        const __m512 vss = _mm512_set1_ps(c.ss), vdecay = _mm512_set1_ps(c.decay);
-        const __m512 smapv = _mm512_loadu_ps(smap), umapv = _mm512_loadu_ps(kMaps.unsigned_map);
-        // The first moment's map times its block scale: table[c] * scale, as element-wise.
-        const __m512 mtab = _mm512_mul_ps(smapv, _mm512_set1_ps(fresh ? 0.0f : MS.get(b)));
-        const __m512 vro = _mm512_set1_ps(fresh || mode != 0 ? 0.0f : RO[i0]);
-        const __m512 virn = _mm512_set1_ps(mode == 0 ? IRN[i0] : 0.0f);
-        const __m512 vvs = _mm512_set1_ps(fresh || mode != 1 ? 0.0f : VS.get(b));
-        const __m512 vrn = _mm512_set1_ps(mode == 2 ? RN[i0] : 0.0f);
-        const float* cnb = mode == 2 ? CN + (i0 / rows_per_batch) * cols + j0 : nullptr;
-        const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-        const uint8_t* mcb = MC + e0 / 2;
-        uint8_t* vcb = mode != 2 ? VC + e0 / 2 : nullptr;
-        float* Pb = P + e0;
-        const float* Gb = G + e0;
-        __m512i mmaxv = _mm512_setzero_si512(), vmaxv = _mm512_setzero_si512();
-        {
-          // The hardware prefetchers fall behind on this many streams: ask for the
-          // parameter, gradient and codes kPrefetch elements ahead.
-          const int64_t ahead = e0 + kPrefetch;
-          if (ahead + block <= n) {
-            for (int64_t k = 0; k < block; k += 16) {
-              _mm_prefetch(reinterpret_cast<const char*>(P + ahead + k), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(G + ahead + k), _MM_HINT_T0);
-            }
-            for (int64_t k = 0; k < block / 2; k += 64) {
-              _mm_prefetch(reinterpret_cast<const char*>(MC + ahead / 2 + k), _MM_HINT_T0);
-              if (mode != 2) _mm_prefetch(reinterpret_cast<const char*>(VC + ahead / 2 + k), _MM_HINT_T0);
-            }
-          }
-        }
-        for (int64_t k = 0; k < len; k += 16) {
-          const __m512 g = _mm512_loadu_ps(Gb + k);
-          const __m512 mo = fresh ? _mm512_setzero_ps()
-                                  : _mm512_permutexvar_ps(unpack16(mcb + k / 2), mtab);
-          const __m512 m = _mm512_add_ps(_mm512_mul_ps(mo, vb1), _mm512_mul_ps(g, vomb1));
-          __m512 v;
-          if (mode == 2) {
-            v = _mm512_mul_ps(vrn, _mm512_loadu_ps(cnb + k));
-          } else {
-            __m512 vo = _mm512_setzero_ps();
-            if (!fresh) {
-              const __m512 code = _mm512_permutexvar_ps(unpack16(vcb + k / 2), umapv);
-              vo = _mm512_mul_ps(code, mode == 0 ? _mm512_min_ps(vro, _mm512_loadu_ps(CO + j0 + k)) : vvs);
-            }
-            v = _mm512_add_ps(_mm512_mul_ps(vo, vb2), _mm512_mul_ps(_mm512_mul_ps(g, g), vomb2));
-          }
-          const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), vibc2), veps);
-          const __m512 pd = _mm512_mul_ps(_mm512_loadu_ps(Pb + k), vdecay);
-          _mm512_storeu_ps(Pb + k, _mm512_sub_ps(pd, _mm512_mul_ps(_mm512_div_ps(m, den), vss)));
-          _mm512_storeu_ps(M.data() + k, m);
-          mmaxv = _mm512_max_epu32(mmaxv, _mm512_and_si512(_mm512_castps_si512(m), absmask));
-          if (mode == 0) {
-            const __m512 inv = _mm512_max_ps(virn, _mm512_loadu_ps(ICN + j0 + k));
-            pack16(unsigned_codes16(_mm512_mul_ps(v, inv)), vcb + k / 2);
-          } else if (mode == 1) {
-            _mm512_storeu_ps(V.data() + k, v);
-            vmaxv = _mm512_max_epu32(vmaxv, _mm512_castps_si512(v));
-          }
-        }
-        const uint32_t mbits = _mm512_reduce_max_epu32(mmaxv);
-        float mscale;
-        std::memcpy(&mscale, &mbits, sizeof(mscale));
-        mscale = MS.put(b, std::max(mscale, 1e-12f));
-        const __m512 vinv = _mm512_set1_ps(1.0f / mscale);
-        uint8_t* mcw = MC + e0 / 2;
-        for (int64_t k = 0; k < len; k += 16) {
-          pack16(signed_codes16(_mm512_mul_ps(_mm512_loadu_ps(M.data() + k), vinv), stab),
-                 mcw + k / 2);
-        }
-        if (mode == 1) {
-          const uint32_t vbits = _mm512_reduce_max_epu32(vmaxv);
-          float vs;
-          std::memcpy(&vs, &vbits, sizeof(vs));
-          const __m512 ivs = _mm512_set1_ps(inv_or_zero(VS.put(b, vs)));
-          for (int64_t k = 0; k < len; k += 16) {
-            pack16(unsigned_codes16(_mm512_mul_ps(_mm512_loadu_ps(V.data() + k), ivs)), vcb + k / 2);
-          }
-        }
-        continue;
-      }
-#elif defined(PLASTICITY_AVX2)
-      if ((fast || mode == 1 || (mode == 2 && j0 + len <= cols)) && (len & 15) == 0) {
-        const Avx2Block blk{b, e0, len, i0, j0, M.data(), V.data()};
+        const SimdBlock blk{b, e0, len, i0, j0, M.data(), V.data()};
         if (fresh) {
-          if (mode == 0) avx2_block<0, true, false>(a2, blk);
-          else if (mode == 1) avx2_block<1, true, false>(a2, blk);
-          else avx2_block<2, true, false>(a2, blk);
+          if (mode == 0) simd_block<0, true, false>(st, blk);
+          else if (mode == 1) simd_block<1, true, false>(st, blk);
+          else simd_block<2, true, false>(st, blk);
         } else {
-          if (mode == 0 && lin0) avx2_block<0, false, true>(a2, blk);
-          else if (mode == 0) avx2_block<0, false, false>(a2, blk);
-          else if (mode == 1 && sixteenth_exact(VS.get(b))) avx2_block<1, false, true>(a2, blk);
-          else if (mode == 1) avx2_block<1, false, false>(a2, blk);
-          else avx2_block<2, false, false>(a2, blk);
+          if (mode == 0 && lin0) simd_block<0, false, true>(st, blk);
+          else if (mode == 0) simd_block<0, false, false>(st, blk);
+          else if (mode == 1 && Simd::kLinear && sixteenth_exact(VS.get(b))) simd_block<1, false, true>(st, blk);
+          else if (mode == 1) simd_block<1, false, false>(st, blk);
+          else simd_block<2, false, false>(st, blk);
         }
         continue;
       }
@@ -1182,10 +1132,8 @@ inline int64_t pair_level(const float* x, float* out, int64_t n) {
 // a[j] += b[j]: a node of the column tree from its two children (a the earlier rows').
 inline void add_into(float* a, const float* b, int64_t n) {
   int64_t j = 0;
-#ifdef PLASTICITY_AVX2
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(a + j, _mm256_add_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j)));
-#elif defined(PLASTICITY_AVX512)
-  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(a + j, _mm512_add_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)));
+#ifdef PLASTICITY_SIMD
+  for (; j + Simd::W <= n; j += Simd::W) Simd::store(a + j, Simd::add(Simd::load(a + j), Simd::load(b + j)));
 #endif
   for (; j < n; ++j) a[j] = a[j] + b[j];
 }
@@ -1201,18 +1149,13 @@ void factor_rows(const float* g, int64_t r0, int64_t r1, int64_t cols, float* ro
   for (int64_t i = r0; i < r1; ++i) {
     const float* gi = g + i * cols;
     int64_t j = 0;
-#ifdef PLASTICITY_AVX2
+#ifdef PLASTICITY_SIMD
     for (; j + 16 <= cols; j += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(gi + j + kFactorPrefetch), _MM_HINT_T0);
-      const __m256 x = _mm256_loadu_ps(gi + j), y = _mm256_loadu_ps(gi + j + 8);
-      _mm256_storeu_ps(carry.data() + j, _mm256_mul_ps(x, x));
-      _mm256_storeu_ps(carry.data() + j + 8, _mm256_mul_ps(y, y));
-    }
-#elif defined(PLASTICITY_AVX512)
-    for (; j + 16 <= cols; j += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(gi + j + kFactorPrefetch), _MM_HINT_T0);
-      const __m512 x = _mm512_loadu_ps(gi + j);
-      _mm512_storeu_ps(carry.data() + j, _mm512_mul_ps(x, x));
+      for (int h = 0; h < 16; h += Simd::W) {
+        const Simd::F x = Simd::load(gi + j + h);
+        Simd::store(carry.data() + j + h, Simd::mul(x, x));
+      }
     }
 #endif
     for (; j < cols; ++j) carry[j] = gi[j] * gi[j];
@@ -1314,23 +1257,17 @@ torch::Tensor quantize_codes(torch::Tensor x, bool is_signed) {
   const float* X = x.data_ptr<float>();
   uint8_t* O = out.data_ptr<uint8_t>();
   int64_t k = 0;
-#ifdef PLASTICITY_AVX512
-  const SignedTables stab(kMaps.signed_mid);
+#ifdef PLASTICITY_SIMD
+  // Through the quantizers and the packing the passes use.
+  const Simd::SignedQ sq(kMaps.signed_mid);
   for (; k + 16 <= n; k += 16) {
-    const __m512 v = _mm512_loadu_ps(X + k);
-    const __m512i c = is_signed ? signed_codes16(v, stab) : unsigned_codes16(v);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(O + k), _mm512_cvtepi32_epi8(c));
-  }
-#elif defined(PLASTICITY_AVX2)
-  const SignedBounds sbounds(kMaps.signed_mid);
-  for (; k + 16 <= n; k += 16) {
-    __m256i c[2];
-    for (int h = 0; h < 2; ++h) {
-      const __m256 v = _mm256_loadu_ps(X + k + 8 * h);
-      c[h] = is_signed ? signed_codes8(v, sbounds) : unsigned_codes8(v);
+    Simd::I c[16 / Simd::W];
+    for (int h = 0; h < 16 / Simd::W; ++h) {
+      const Simd::F v = Simd::load(X + k + Simd::W * h);
+      c[h] = is_signed ? Simd::signed_codes(v, sq) : Simd::unsigned_codes(v);
     }
     uint8_t packed[8];
-    pack16(c[0], c[1], packed);  // through the packing the passes use
+    Simd::pack(c, packed);
     for (int q = 0; q < 8; ++q) {
       O[k + 2 * q] = packed[q] & 15;
       O[k + 2 * q + 1] = packed[q] >> 4;
