@@ -20,7 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include <omp.h>
@@ -1093,6 +1095,79 @@ void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
   }
 }
 
+// ------------------------------------------------------------------ many tensors per call
+// The functions above for a list of tensors each (argument k of call i is element i of
+// list k), one after another: a step makes one call from Python per pass instead of one per
+// tensor, so the interpreter does not run between the kernels (it runs slowly there, with
+// the caches full of the last tensor's data).
+
+void check_counts(size_t n, std::initializer_list<size_t> sizes, const char* fn) {
+  for (size_t s : sizes) TORCH_CHECK(s == n, fn, ": argument lists differ in length");
+}
+
+std::vector<bool> all_finite_many(const std::vector<torch::Tensor>& ts) {
+  std::vector<bool> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) out[i] = all_finite(ts[i]);
+  return out;
+}
+
+// {row_max, col_max} of each tensor, and whether each is finite.
+std::tuple<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<bool>> rank1_stats_many(
+    const std::vector<torch::Tensor>& grad, const std::vector<torch::Tensor>& v_codes,
+    const std::vector<torch::Tensor>& row_scale, const std::vector<torch::Tensor>& col_scale,
+    const std::vector<int64_t>& cols, const std::vector<bool>& fresh, const std::vector<double>& beta2) {
+  const size_t n = grad.size();
+  check_counts(n, {v_codes.size(), row_scale.size(), col_scale.size(), cols.size(), fresh.size(),
+                   beta2.size()}, "rank1_stats_many");
+  std::vector<torch::Tensor> row_max(n), col_max(n);
+  std::vector<bool> finite(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto r = rank1_stats(grad[i], v_codes[i], row_scale[i], col_scale[i], cols[i], fresh[i], beta2[i]);
+    row_max[i] = r[0];
+    col_max[i] = r[1];
+    finite[i] = r[2].item<int32_t>() != 0;
+  }
+  return {row_max, col_max, finite};
+}
+
+using Tensors = std::vector<torch::Tensor>;
+using Ints = std::vector<int64_t>;
+using Doubles = std::vector<double>;
+
+void fused_step_many(const Tensors& param, const Tensors& grad, const Tensors& m_codes,
+                     const Tensors& m_scale, const Tensors& v_codes, const Tensors& v_scale,
+                     const Tensors& row_old, const Tensors& col_old, const Tensors& row_new,
+                     const Tensors& col_new, const Ints& mode, const Ints& cols,
+                     const Ints& rows_per_batch, const std::vector<bool>& fresh, const Doubles& decay,
+                     const Doubles& beta1, const Doubles& beta2, const Doubles& inv_bc2_sqrt,
+                     const Doubles& eps, const Doubles& step_size, const Ints& block) {
+  const size_t n = param.size();
+  check_counts(n, {grad.size(), m_codes.size(), m_scale.size(), v_codes.size(), v_scale.size(),
+                   row_old.size(), col_old.size(), row_new.size(), col_new.size(), mode.size(),
+                   cols.size(), rows_per_batch.size(), fresh.size(), decay.size(), beta1.size(),
+                   beta2.size(), inv_bc2_sqrt.size(), eps.size(), step_size.size(), block.size()},
+               "fused_step_many");
+  for (size_t i = 0; i < n; ++i) {
+    fused_step(param[i], grad[i], m_codes[i], m_scale[i], v_codes[i], v_scale[i], row_old[i],
+               col_old[i], row_new[i], col_new[i], mode[i], cols[i], rows_per_batch[i], fresh[i],
+               decay[i], beta1[i], beta2[i], inv_bc2_sqrt[i], eps[i], step_size[i], block[i]);
+  }
+}
+
+void fp32_step_many(const Tensors& param, const Tensors& grad, const Tensors& exp_avg,
+                    const Tensors& exp_avg_sq, const Doubles& decay, const Doubles& beta1,
+                    const Doubles& beta2, const Doubles& inv_bc2_sqrt, const Doubles& eps,
+                    const Doubles& step_size) {
+  const size_t n = param.size();
+  check_counts(n, {grad.size(), exp_avg.size(), exp_avg_sq.size(), decay.size(), beta1.size(),
+                   beta2.size(), inv_bc2_sqrt.size(), eps.size(), step_size.size()},
+               "fp32_step_many");
+  for (size_t i = 0; i < n; ++i) {
+    fp32_step(param[i], grad[i], exp_avg[i], exp_avg_sq[i], decay[i], beta1[i], beta2[i],
+              inv_bc2_sqrt[i], eps[i], step_size[i]);
+  }
+}
+
 // ------------------------------------------------------------------ factor statistics
 // Sums of g^2 along each row and each column of every (rows x cols) slice, each as the
 // pairwise tree that plasticity.optim.adamw4bit._pair_sums spells out in PyTorch
@@ -1289,4 +1364,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank1_stats", &rank1_stats, "row/column maxima of the new second moment");
   m.def("fused_step", &fused_step, "one fused 4-bit AdamW step for one tensor");
   m.def("factor_stats", &factor_stats, "row and column sums of g^2, as pairwise trees");
+  m.def("all_finite_many", &all_finite_many, "all_finite of each tensor");
+  m.def("rank1_stats_many", &rank1_stats_many, "rank1_stats of each tensor");
+  m.def("fused_step_many", &fused_step_many, "fused_step of each tensor");
+  m.def("fp32_step_many", &fp32_step_many, "fp32_step of each tensor");
 }

@@ -389,6 +389,7 @@ class AdamW4bit(torch.optim.Optimizer):
             work.append((group, p, g, kind, backend, plan))
         if not work and not batch:
             return loss
+        self._run_stats_kernels([w[5] for w in work])
         runs, batch_ok = self._triton_check(batch)
         ok = _all_flags([w[5]["finite"] for w in work]) + batch_ok
         if not all(ok):
@@ -403,8 +404,18 @@ class AdamW4bit(torch.optim.Optimizer):
                 raise FloatingPointError(msg)
             log.warning(msg)
             return loss
+        calls: dict[str, list[tuple]] = {"fused": [], "fp32": []}
         for group, p, g, kind, backend, plan in work:
-            self._pass_update(p, g, group, kind, backend, plan)
+            self._pass_update(p, g, group, kind, backend, plan, calls)
+        if calls["fused"] or calls["fp32"]:
+            from plasticity.optim import _cpu
+
+            if calls["fused"]:
+                _cpu.load().fused_step_many(*map(list, zip(*calls["fused"], strict=True)))
+            if calls["fp32"]:
+                _cpu.load().fp32_step_many(*map(list, zip(*calls["fp32"], strict=True)))
+        for _group, p, _g, kind, _backend, plan in work:
+            self._finish_update(p, kind, plan)
         self._triton_apply(batch, runs)
         return loss
 
@@ -560,12 +571,9 @@ class AdamW4bit(torch.optim.Optimizer):
             cols = shape[-1]
             row_old, col_old, _ = self._old_rank1_scales(st, shape, p.device)
             vcodes = st["exp_avg_sq_codes"] if st else torch.zeros(0, dtype=torch.uint8, device=p.device)
-            if backend == "cpp":
-                from plasticity.optim import _cpu
-
-                row_max, col_max, finite = _cpu.load().rank1_stats(
-                    g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2)
-                finite = bool(finite.item())
+            if backend == "cpp":  # run by _run_stats_kernels, with the other tensors'
+                return {"rank1_args": (g.contiguous(), vcodes, row_old, col_old, cols, fresh, b2),
+                        "row_old": row_old, "col_old": col_old, "shape": shape}
             else:
                 gf = g.reshape(-1).float()
                 vnew = self._v_new_torch(gf, vcodes, row_old, col_old, cols, fresh, b2)
@@ -598,12 +606,31 @@ class AdamW4bit(torch.optim.Optimizer):
             return {"finite": finite if p.is_cuda else bool(finite), "r_new": r_new,
                     "c_new": c_new, "row_factor": row_factor.reshape(-1).contiguous()}
         # fp32 and block: only the finiteness check.
-        if backend == "cpp":
-            from plasticity.optim import _cpu
-
-            return {"finite": _cpu.load().all_finite(g.contiguous())}
+        if backend == "cpp":  # run by _run_stats_kernels, with the other tensors'
+            return {"finite_of": g.contiguous()}
         finite = torch.isfinite(g).all()
         return {"finite": finite if p.is_cuda else bool(finite)}
+
+    @staticmethod
+    def _run_stats_kernels(plans: list[dict[str, Any]]) -> None:
+        """Complete the plans `_pass_stats` left to the C++ kernel, in one call per kind."""
+        r1 = [pl for pl in plans if "rank1_args" in pl]
+        fin = [pl for pl in plans if "finite_of" in pl]
+        if not r1 and not fin:
+            return
+        from plasticity.optim import _cpu
+
+        if fin:
+            flags = _cpu.load().all_finite_many([pl.pop("finite_of") for pl in fin])
+            for pl, f in zip(fin, flags, strict=True):
+                pl["finite"] = f
+        if r1:
+            args = [pl.pop("rank1_args") for pl in r1]
+            row_max, col_max, finite = _cpu.load().rank1_stats_many(
+                *map(list, zip(*args, strict=True)))
+            for pl, rm, cm, f in zip(r1, row_max, col_max, finite, strict=True):
+                pl.update(finite=f, maxes=_dim_maxes(rm, cm, pl.pop("shape")), row_max=rm,
+                          col_max=cm)
 
     def _v_new_torch(self, gf, vcodes, row_old, col_old, cols, fresh, b2) -> torch.Tensor:
         n = gf.numel()
@@ -614,7 +641,9 @@ class AdamW4bit(torch.optim.Optimizer):
             vo = self.v_map.to(gf.device)[quant.unpack_nibbles(vcodes, n)] * s_old
         return vo * b2 + (gf * gf) * (1.0 - b2)
 
-    def _pass_update(self, p, g, group, kind, backend, plan) -> None:
+    def _pass_update(self, p, g, group, kind, backend, plan, calls) -> None:
+        """Pass 2 for one tensor: PyTorch updates run here, C++ ones are queued in `calls`
+        (arguments of fused_step and fp32_step) to run together; `_finish_update` follows."""
         block = group["block_size"]
         st = self.state[p]
         if not st:
@@ -622,25 +651,29 @@ class AdamW4bit(torch.optim.Optimizer):
         t = st["step"] + 1
         sc = dict(zip(("decay", "beta1", "beta2", "inv_bc2_sqrt", "eps", "step_size"),
                       _step_constants(group, t), strict=True))
+        plan["t"] = t
         if kind == "fp32" and backend == "cpp" and g.dtype == torch.float32:
-            from plasticity.optim import _cpu
-
-            _cpu.load().fp32_step(p.data, g.contiguous(), st["exp_avg"], st["exp_avg_sq"],
+            calls["fp32"].append((p.data, g.contiguous(), st["exp_avg"], st["exp_avg_sq"],
                                   sc["decay"], sc["beta1"], sc["beta2"], sc["inv_bc2_sqrt"],
-                                  sc["eps"], sc["step_size"])
+                                  sc["eps"], sc["step_size"]))
         elif kind == "fp32":
             self._update_fp32(p, g, st, sc)
         elif backend == "torch":
             self._update_quantized_torch(p, g, st, kind, plan, sc, block)
         else:
-            self._update_quantized_kernel(p, g, st, kind, plan, sc, block)
+            calls["fused"].append(self._kernel_args(p, g, st, kind, plan, sc, block))
+
+    def _finish_update(self, p, kind, plan) -> None:
+        """After pass 2: the new second-moment statistics into the state, and the step count
+        (the kernels read the old statistics, so not before they ran)."""
+        st = self.state[p]
         if kind == "rank1":
             for k, mx in enumerate(plan["maxes"]):
                 st[f"exp_avg_sq_max{k}"].copy_(mx)
         elif kind == "factor":
             st["exp_avg_sq_row"].copy_(plan["r_new"].view_as(st["exp_avg_sq_row"]))
             st["exp_avg_sq_col"].copy_(plan["c_new"].view_as(st["exp_avg_sq_col"]))
-        st["step"] = t
+        st["step"] = plan["t"]
 
     @staticmethod
     def _update_fp32(p, g, st, sc) -> None:
@@ -654,7 +687,9 @@ class AdamW4bit(torch.optim.Optimizer):
         st["exp_avg_sq"].copy_(v)
         p.copy_(pf)
 
-    def _update_quantized_kernel(self, p, g, st, kind, plan, sc, block) -> None:
+    @staticmethod
+    def _kernel_args(p, g, st, kind, plan, sc, block) -> tuple:
+        """The arguments of the C++ fused_step for one tensor."""
         fresh = st["step"] == 0
         empty = torch.zeros(0, device=p.device, dtype=torch.float32)
         empty_u8 = torch.zeros(0, device=p.device, dtype=torch.uint8)
@@ -674,12 +709,9 @@ class AdamW4bit(torch.optim.Optimizer):
             row_new = plan["row_factor"]
             col_new = plan["c_new"].reshape(-1).contiguous()
             v_codes, v_scale = empty_u8, empty
-        args = (st["exp_avg_codes"], st["exp_avg_scale"], v_codes, v_scale, row_old, col_old,
-                row_new, col_new, _MODE[kind], cols, rpb, fresh, sc["decay"], sc["beta1"],
-                sc["beta2"], sc["inv_bc2_sqrt"], sc["eps"], sc["step_size"], block)
-        from plasticity.optim import _cpu
-
-        _cpu.load().fused_step(p.data, g.contiguous(), *args)
+        return (p.data, g.contiguous(), st["exp_avg_codes"], st["exp_avg_scale"], v_codes, v_scale,
+                row_old, col_old, row_new, col_new, _MODE[kind], cols, rpb, fresh, sc["decay"],
+                sc["beta1"], sc["beta2"], sc["inv_bc2_sqrt"], sc["eps"], sc["step_size"], block)
 
     def _update_quantized_torch(self, p, g, st, kind, plan, sc, block) -> None:
         n = p.numel()
