@@ -1321,6 +1321,19 @@ std::vector<torch::Tensor> factor_stats(torch::Tensor grad, int64_t rows, int64_
   return {row_sum, col_sum};
 }
 
+// factor_stats of each tensor (see "many tensors per call"): {row sums, column sums}.
+std::tuple<Tensors, Tensors> factor_stats_many(const Tensors& grad, const Ints& rows, const Ints& cols) {
+  const size_t n = grad.size();
+  check_counts(n, {rows.size(), cols.size()}, "factor_stats_many");
+  Tensors row_sum(n), col_sum(n);
+  for (size_t i = 0; i < n; ++i) {
+    auto r = factor_stats(grad[i], rows[i], cols[i]);
+    row_sum[i] = r[0];
+    col_sum[i] = r[1];
+  }
+  return {row_sum, col_sum};
+}
+
 // Codes of the signed (first-moment) or linear (second-moment) map for values already
 // multiplied by their inverse scale, computed by the vector code the passes use where the
 // CPU has it (the scalar loops for the rest): lets tests check the quantizers on values
@@ -1368,4 +1381,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank1_stats_many", &rank1_stats_many, "rank1_stats of each tensor");
   m.def("fused_step_many", &fused_step_many, "fused_step of each tensor");
   m.def("fp32_step_many", &fp32_step_many, "fp32_step of each tensor");
+  m.def("factor_stats_many", &factor_stats_many, "factor_stats of each tensor");
 }

@@ -202,6 +202,18 @@ def _by_device(batch: list[tuple]) -> dict[torch.device, list[int]]:
     return out
 
 
+def _factor_plan(r_old: torch.Tensor, c_old: torch.Tensor, row_msq: torch.Tensor,
+                 col_msq: torch.Tensor, b2: float, cuda: bool) -> dict[str, Any]:
+    """A factor step's new row and column statistics, row factor and finiteness."""
+    r_new = r_old * b2 + row_msq * (1.0 - b2)
+    c_new = c_old * b2 + col_msq * (1.0 - b2)
+    r_mean = r_new.mean(dim=-1, keepdim=True)
+    row_factor = torch.where(r_mean > 0, r_new / r_mean, torch.zeros_like(r_new))
+    finite = torch.isfinite(r_new).all() & torch.isfinite(c_new).all()
+    return {"finite": finite if cuda else bool(finite), "r_new": r_new, "c_new": c_new,
+            "row_factor": row_factor.reshape(-1).contiguous()}
+
+
 def _dim_maxes(row_max: torch.Tensor, col_max: torch.Tensor, shape: torch.Size) -> list[torch.Tensor]:
     lead = shape[:-1]
     if len(lead) == 1:
@@ -591,20 +603,11 @@ class AdamW4bit(torch.optim.Optimizer):
                 g3.shape[0], rows, device=p.device)
             c_old = st["exp_avg_sq_col"].reshape(-1, cols) if not fresh else torch.zeros(
                 g3.shape[0], cols, device=p.device)
-            if backend == "cpp":
-                from plasticity.optim import _cpu
-
-                row_sum, col_sum = _cpu.load().factor_stats(g.contiguous(), rows, cols)
-                row_msq, col_msq = row_sum / cols, col_sum / rows
-            else:
-                row_msq, col_msq = _mean_squares(g3, self._squares_scratch(g3))
-            r_new = r_old * b2 + row_msq * (1.0 - b2)
-            c_new = c_old * b2 + col_msq * (1.0 - b2)
-            r_mean = r_new.mean(dim=-1, keepdim=True)
-            row_factor = torch.where(r_mean > 0, r_new / r_mean, torch.zeros_like(r_new))
-            finite = torch.isfinite(r_new).all() & torch.isfinite(c_new).all()
-            return {"finite": finite if p.is_cuda else bool(finite), "r_new": r_new,
-                    "c_new": c_new, "row_factor": row_factor.reshape(-1).contiguous()}
+            if backend == "cpp":  # run by _run_stats_kernels, with the other tensors'
+                return {"factor_args": (g.contiguous(), rows, cols), "r_old": r_old,
+                        "c_old": c_old, "b2": b2}
+            row_msq, col_msq = _mean_squares(g3, self._squares_scratch(g3))
+            return _factor_plan(r_old, c_old, row_msq, col_msq, b2, p.is_cuda)
         # fp32 and block: only the finiteness check.
         if backend == "cpp":  # run by _run_stats_kernels, with the other tensors'
             return {"finite_of": g.contiguous()}
@@ -616,7 +619,8 @@ class AdamW4bit(torch.optim.Optimizer):
         """Complete the plans `_pass_stats` left to the C++ kernel, in one call per kind."""
         r1 = [pl for pl in plans if "rank1_args" in pl]
         fin = [pl for pl in plans if "finite_of" in pl]
-        if not r1 and not fin:
+        fac = [pl for pl in plans if "factor_args" in pl]
+        if not r1 and not fin and not fac:
             return
         from plasticity.optim import _cpu
 
@@ -631,6 +635,12 @@ class AdamW4bit(torch.optim.Optimizer):
             for pl, rm, cm, f in zip(r1, row_max, col_max, finite, strict=True):
                 pl.update(finite=f, maxes=_dim_maxes(rm, cm, pl.pop("shape")), row_max=rm,
                           col_max=cm)
+        if fac:
+            args = [pl.pop("factor_args") for pl in fac]
+            row_sum, col_sum = _cpu.load().factor_stats_many(*map(list, zip(*args, strict=True)))
+            for pl, (_, rows, cols), rs, cs in zip(fac, args, row_sum, col_sum, strict=True):
+                pl.update(_factor_plan(pl.pop("r_old"), pl.pop("c_old"), rs / cols, cs / rows,
+                                       pl.pop("b2"), False))
 
     def _v_new_torch(self, gf, vcodes, row_old, col_old, cols, fresh, b2) -> torch.Tensor:
         n = gf.numel()
