@@ -412,6 +412,27 @@ def _check_factor_statistics():
     assert differs > 0  # (the bits above are the order's, not any sum's)
 
 
+def test_the_many_tensor_kernel_calls_check_their_argument_lists():
+    """A step makes one kernel call per pass, with a list per argument: lists of different
+    lengths are an error naming the function, raised before any tensor is written."""
+    from plasticity.optim import _cpu
+
+    mod = _cpu.load()
+    assert mod is not None, "the C++ kernel did not build"
+    g = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="rank1_stats_many: argument lists differ"):
+        mod.rank1_stats_many([g], [], [torch.zeros(4)], [torch.zeros(16)], [16], [True], [0.999])
+    p = torch.randn(4, 16)
+    before = p.clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="fp32_step_many: argument lists differ"):
+        mod.fp32_step_many([p, p], [g, g], [m, m], [v, v], [1.0] * 2, [0.9] * 2, [0.999] * 2,
+                           [1.0] * 2, [1e-8] * 2, [1e-3])
+    assert torch.equal(p, before) and not m.any()
+    mod.fp32_step_many([p], [g], [m], [v], [1.0], [0.9], [0.999], [1.0], [1e-8], [1e-3])
+    assert not torch.equal(p, before) and m.any()
+
+
 @pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx512vbmi", "-mno-avx2"])
 def test_the_portable_kernel_loops_give_the_same_bits_too(flag):
     """The kernel built without AVX-512 (its scalar and AVX2 loops, what CPUs without
