@@ -3,12 +3,17 @@
 Machine speed drifts between runs, so a kernel change is measured against the previous
 source in the same process: each build steps its own `AdamW4bit` over the same
 GPT-2-medium-shaped parameters (as `bench.optim`), with fused fp32 AdamW as the baseline, in
-a shuffled order per repeat. `--passes` times the two passes alone instead, in ns per
-element, on one (rows x cols) tensor.
+a shuffled order per repeat. `--rev REV` adds the optimizer of an earlier commit (its
+`adamw4bit.py` and its kernel), to measure a change of the Python step too. `--passes` times
+the two passes alone instead, in ns per element, on one (rows x cols) tensor, or with
+`--model` over all the matrices of the GPT-2-medium shapes (the kernels called back to
+back, no optimizer around them).
 
     git show HEAD~1:src/plasticity/optim/_cpu_kernel.cpp > /tmp/old.cpp
     python -m bench.optim_ab /tmp/old.cpp src/plasticity/optim/_cpu_kernel.cpp
+    python -m bench.optim_ab --rev HEAD~3 src/plasticity/optim/_cpu_kernel.cpp
     OMP_NUM_THREADS=1 python -m bench.optim_ab --passes --rows 512 /tmp/old.cpp src/plasticity/optim/_cpu_kernel.cpp
+    python -m bench.optim_ab --passes --model src/plasticity/optim/_cpu_kernel.cpp
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import argparse
 import hashlib
 import random
 import statistics
+import subprocess
+import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -50,15 +58,33 @@ def timed(fns: dict, repeats: int, inner: int = 1) -> dict[str, list[float]]:
     return res
 
 
-def full_steps(mods: dict, repeats: int, layers: int, second_moment: str) -> None:
-    """`bench.optim`'s step timing, with one AdamW4bit per build in place of its candidates."""
+def at_revision(rev: str):
+    """The optimizer class and the kernel build of commit `rev`."""
+    def show(path: str) -> str:
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"bench.optim_ab: git show {rev}:{path} failed: {out.stderr.strip()}")
+        return out.stdout
+
+    module = types.ModuleType(f"adamw4bit_at_{rev}")
+    exec(compile(show("src/plasticity/optim/adamw4bit.py"), f"{rev}:adamw4bit.py", "exec"),
+         module.__dict__)
+    src = Path(tempfile.mkdtemp()) / "_cpu_kernel.cpp"
+    src.write_text(show("src/plasticity/optim/_cpu_kernel.cpp"))
+    return module.AdamW4bit, build(src)
+
+
+def full_steps(mods: dict, repeats: int, layers: int, second_moment: str,
+               revs: dict | None = None) -> None:
+    """`bench.optim`'s step timing, with one AdamW4bit per build in place of its candidates
+    (and one per earlier commit in `revs`: name -> (optimizer class, kernel build))."""
     from bench.optim import BASELINE, print_table, run
 
     _cpu._module = next(iter(mods.values()))  # (so that no other build is made)
 
-    def with_build(mod):
+    def with_build(mod, cls=AdamW4bit):
         def make(ps):
-            opt = AdamW4bit(ps, lr=1e-4, weight_decay=0.01, second_moment=second_moment)
+            opt = cls(ps, lr=1e-4, weight_decay=0.01, second_moment=second_moment)
             step = opt.step
 
             def stepped(closure=None):
@@ -72,8 +98,50 @@ def full_steps(mods: dict, repeats: int, layers: int, second_moment: str) -> Non
 
     makers = {BASELINE: lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.01, fused=True)}
     makers.update({name: with_build(mod) for name, mod in mods.items()})
+    makers.update({name: with_build(mod, cls) for name, (cls, mod) in (revs or {}).items()})
     print(f"AdamW4bit {second_moment}, one optimizer per kernel build")
     print_table(run("cpu", torch.float32, layers, repeats, None, makers=makers))
+
+
+def model_passes(mods: dict, repeats: int, layers: int) -> None:
+    """Both passes over every matrix of the GPT-2-medium shapes, kernel calls back to back."""
+    from bench.optim import gpt2_medium_shapes
+
+    gen = torch.Generator().manual_seed(0)
+    ts = []
+    for shape in gpt2_medium_shapes(layers):
+        if len(shape) != 2:
+            continue
+        rows, cols = shape
+        n = rows * cols
+        ts.append(dict(
+            cols=cols, p=torch.randn(shape, generator=gen), g=torch.randn(shape, generator=gen) * 1e-3,
+            mc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
+            ms=torch.rand(n // 128, generator=gen),
+            vc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
+            ro=torch.rand(rows, generator=gen) * 1e-6 + 1e-7, co=torch.rand(cols, generator=gen) * 1e-6 + 1e-7))
+    e = torch.zeros(0)
+    n_total = sum(t["g"].numel() for t in ts)
+
+    def stats(mod):
+        for t in ts:
+            t["rm"], t["cm"], _ = mod.rank1_stats(t["g"], t["vc"], t["ro"], t["co"], t["cols"], False, 0.999)
+
+    def update(mod):
+        for t in ts:
+            mod.fused_step(t["p"], t["g"], t["mc"], t["ms"], t["vc"], e, t["ro"], t["co"], t["rm"], t["cm"],
+                           0, t["cols"], 1, False, 0.99, 0.9, 0.999, 1.0, 1e-8, 1e-4, 128)
+
+    fns = {}
+    for name, mod in mods.items():
+        stats(mod)
+        fns[f"{name}: statistics pass"] = lambda mod=mod: stats(mod)
+        fns[f"{name}: update pass"] = lambda mod=mod: update(mod)
+    res = timed(fns, repeats)
+    print(f"{len(ts)} matrices, {n_total / 1e6:.1f}M elements, {torch.get_num_threads()} threads, "
+          f"median of {repeats}")
+    for k, v in res.items():
+        print(f"{k:60s} {statistics.median(v) * 1e3:7.1f} ms {statistics.median(v) / n_total * 1e9:7.3f} ns/element")
 
 
 def passes(mods: dict, repeats: int, rows: int, cols: int) -> None:
@@ -107,10 +175,13 @@ def passes(mods: dict, repeats: int, rows: int, cols: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", type=Path, help="kernel sources, e.g. an old and the new")
+    ap.add_argument("--rev", action="append", default=[],
+                    help="also step the optimizer of this commit (its Python and its kernel)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--second-moment", default="rank1", choices=["rank1", "block", "factor"])
     ap.add_argument("--passes", action="store_true", help="time the two passes on one tensor")
+    ap.add_argument("--model", action="store_true", help="--passes over the GPT-2-medium matrices")
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--cols", type=int, default=1024)
     args = ap.parse_args()
@@ -119,10 +190,15 @@ def main() -> None:
             raise SystemExit(f"bench.optim_ab: no kernel source at {src}")
     names = [str(s) for s in args.sources]
     mods = {name: build(src) for name, src in zip(names, args.sources, strict=True)}
-    if args.passes:
+    if args.rev and args.passes:
+        raise SystemExit("bench.optim_ab: --rev times whole steps, not --passes")
+    if args.passes and args.model:
+        model_passes(mods, args.repeats, args.layers)
+    elif args.passes:
         passes(mods, args.repeats, args.rows, args.cols)
     else:
-        full_steps(mods, args.repeats, args.layers, args.second_moment)
+        revs = {f"AdamW4bit at {rev}": at_revision(rev) for rev in args.rev}
+        full_steps(mods, args.repeats, args.layers, args.second_moment, revs)
 
 
 if __name__ == "__main__":
