@@ -33,10 +33,10 @@ moment) anywhere leaves parameters and states untouched and raises `FloatingPoin
 
 On CPU float32 tensors the step runs in a fused C++/OpenMP kernel (two passes for
 "rank1": the maxima of the new second moment, then one pass that dequantizes, updates and
-requantizes; one call into the kernel per pass for all of the step's tensors); on CUDA (float32, bfloat16 or float16 parameters) in multi-tensor Triton
-kernels that compute the same operations, without fused multiply-adds, so the same bits for
-"rank1" and "block" (a step is a fixed number of launches however many tensors it updates);
-elsewhere (and when no compiler is available) in PyTorch operations that give the C++
+requantizes; one call into the kernel per pass for all of the step's tensors); on CUDA
+(float32, bfloat16 or float16 parameters) in multi-tensor Triton kernels that compute the
+same operations, without fused multiply-adds, so the same bits for "rank1" and "block" (a
+step is a fixed number of launches however many tensors it updates); elsewhere (and when no compiler is available) in PyTorch operations that give the C++
 kernel's results bit for bit.
 """
 
