@@ -36,8 +36,9 @@ On CPU float32 tensors the step runs in a fused C++/OpenMP kernel (two passes fo
 requantizes; one call into the kernel per pass for all of the step's tensors); on CUDA
 (float32, bfloat16 or float16 parameters) in multi-tensor Triton kernels that compute the
 same operations, without fused multiply-adds, so the same bits for "rank1" and "block" (a
-step is a fixed number of launches however many tensors it updates); elsewhere (and when no compiler is available) in PyTorch operations that give the C++
-kernel's results bit for bit.
+step is a fixed number of launches however many tensors it updates); elsewhere (and when
+no compiler is available) in PyTorch operations that give the C++ kernel's results bit for
+bit.
 """
 
 from __future__ import annotations
