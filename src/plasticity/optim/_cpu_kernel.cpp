@@ -198,8 +198,8 @@ inline __m512i signed_codes16(__m512 x, const SignedTables& t) {
 // The vector operations the passes are written in (simd_block, simd_stats), 16 lanes wide.
 struct Simd {
   static constexpr int W = 16;
-  // Dequantize the second moment by a table permute (one operation) rather than linear's
-  // conversion and multiply-add.
+  // No `linear` (see the AVX2 Simd): a table lookup is one permute here, and was faster than
+  // linear's conversion and multiply-add. Loops instantiate LIN only as Simd::kLinear.
   static constexpr bool kLinear = false;
   using F = __m512;
   using I = __m512i;
@@ -232,12 +232,6 @@ struct Simd {
     return {_mm512_mul_ps(_mm512_loadu_ps(map), _mm512_set1_ps(s))};
   }
   static F lookup(const uint8_t* p, const Table& t) { return _mm512_permutexvar_ps(unpack16(p), t.t); }
-  // The linear map's value times s for the codes at p, given s16 = s / 16 exactly (see the
-  // AVX2 linear8).
-  static F linear(const uint8_t* p, F s16) {
-    const __m512i c = _mm512_and_si512(unpack16(p), _mm512_set1_epi32(15));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s16, s16);
-  }
   static I unsigned_codes(F x) { return unsigned_codes16(x); }
   using SignedQ = SignedTables;
   static I signed_codes(F x, const SignedQ& q) { return signed_codes16(x, q); }
@@ -351,7 +345,8 @@ inline __m256 linear8(const uint8_t* p, __m256 s16) {
 // see the AVX-512 Simd.
 struct Simd {
   static constexpr int W = 8;
-  // linear8 beats the table's two permutes and blend.
+  // linear8 beats the table's two permutes and blend: `linear` dequantizes the second
+  // moment where its old scales divide by 16 exactly.
   static constexpr bool kLinear = true;
   using F = __m256;
   using I = __m256i;
@@ -532,12 +527,12 @@ struct SimdBlock {
 // written as soon as they are computed. The second-moment mode and the first-step flag are
 // fixed at compile time (the loop runs 13% faster without their tests). len is a multiple
 // of 16; for MODE 0 and 2 the block lies inside one row. LIN: the old second moment's
-// scales divide by 16 exactly, so Simd::linear dequantizes it.
-template <int MODE, bool FRESH, bool LIN>
+// scales divide by 16 exactly, so Simd::linear dequantizes it (only where Simd has one;
+// S is a template parameter so that the branch is not compiled elsewhere).
+template <int MODE, bool FRESH, bool LIN, class S = Simd>
 void simd_block(const SimdStep& a, const SimdBlock& k0) {
-  using S = Simd;
-  using F = S::F;
-  using I = S::I;
+  using F = typename S::F;
+  using I = typename S::I;
   constexpr int H = 16 / S::W;  // vectors per iteration
   const StepConstants& c = a.c;
   const int64_t b = k0.b, e0 = k0.e0, len = k0.len, i0 = k0.i0, j0 = k0.j0;
@@ -546,8 +541,8 @@ void simd_block(const SimdStep& a, const SimdBlock& k0) {
   const F vibc2 = S::set1(c.ibc2), veps = S::set1(c.eps);
   const F vss = S::set1(c.ss), vdecay = S::set1(c.decay);
   // The first moment's map times its block scale: table[c] * scale, as element-wise.
-  const S::Table mtab = S::table(kMaps.signed_map, FRESH ? 0.0f : a.MS.get(b));
-  const S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
+  const typename S::Table mtab = S::table(kMaps.signed_map, FRESH ? 0.0f : a.MS.get(b));
+  const typename S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
   const F vro = S::set1(FRESH || MODE != 0 ? 0.0f : a.RO[i0]);
   const F virn = S::set1(MODE == 0 ? a.IRN[i0] : 0.0f);
   const F vvs = S::set1(FRESH || MODE != 1 ? 0.0f : a.VS.get(b));
@@ -592,9 +587,9 @@ void simd_block(const SimdStep& a, const SimdBlock& k0) {
         v = S::mul(vrn, S::load(cnb + kk));
       } else {
         F vo = S::zero();
-        if (!FRESH && LIN) {
+        if constexpr (!FRESH && LIN) {
           vo = S::linear(vcb + kk / 2, MODE == 0 ? S::min(vro16, S::load(co16b + kk)) : vvs16);
-        } else if (!FRESH) {
+        } else if constexpr (!FRESH) {
           vo = S::mul(S::lookup(vcb + kk / 2, utab), MODE == 0 ? S::min(vro, S::load(cob + kk)) : vvs);
         }
         v = S::add(S::mul(vo, vb2), S::mul(S::mul(g, g), vomb2));
@@ -619,7 +614,7 @@ void simd_block(const SimdStep& a, const SimdBlock& k0) {
   mscale = a.MS.put(b, std::max(mscale, 1e-12f));
   const F vinv = S::set1(1.0f / mscale);
   uint8_t* mcw = a.MC + e0 / 2;
-  const S::SignedQ sq = a.sq;
+  const typename S::SignedQ sq = a.sq;
   for (int64_t k = 0; k < len; k += 16) {
     I code[H];
     for (int h = 0; h < H; ++h) code[h] = S::signed_codes(S::mul(S::load(M + k + S::W * h), vinv), sq);
@@ -670,18 +665,17 @@ struct SimdStats {
 // loop's operations W lanes at a time, row maxima into rm, column maxima into cmax; returns
 // 1 if a new second moment is not finite. Groups of kRows rows, so that each column-maximum
 // vector is loaded and stored once per group. cols is a multiple of W.
-template <bool FRESH, bool LIN>
+template <bool FRESH, bool LIN, class S = Simd>
 uint32_t simd_stats(const SimdStats& s, uint32_t* cmax) {
-  using S = Simd;
-  using F = S::F;
-  using I = S::I;
+  using F = typename S::F;
+  using I = typename S::I;
   constexpr int64_t kRows = 4;
   const int64_t rows = s.rows, cols = s.cols;
   const float* g = s.g;
   const uint8_t* vc = s.vc;
   const int64_t groups = (rows + kRows - 1) / kRows;
   const F vb2 = S::set1(s.b2), vomb2 = S::set1(s.omb2);
-  const S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
+  const typename S::Table utab = S::table(kMaps.unsigned_map, 1.0f);
   uint32_t bad = 0;
 #pragma omp for schedule(static) nowait
   for (int64_t q = 0; q < groups; ++q) {
@@ -709,9 +703,9 @@ uint32_t simd_stats(const SimdStats& s, uint32_t* cmax) {
         }
         const F gj = S::load(g + e);
         F vo = S::zero();
-        if (!FRESH && LIN) {
+        if constexpr (!FRESH && LIN) {
           vo = S::linear(vc + e / 2, S::min(vri[r], csj));
-        } else if (!FRESH) {
+        } else if constexpr (!FRESH) {
           vo = S::mul(S::lookup(vc + e / 2, utab), S::min(vri[r], csj));
         }
         const F vn = S::add(S::mul(vo, vb2), S::mul(S::mul(gj, gj), vomb2));
@@ -767,7 +761,7 @@ std::vector<torch::Tensor> rank1_stats(torch::Tensor grad, torch::Tensor v_codes
     {
       std::vector<uint32_t> cmax(cols, 0u);
       if (fresh) bad |= simd_stats<true, false>(st, cmax.data());
-      else if (lin) bad |= simd_stats<false, true>(st, cmax.data());
+      else if (lin) bad |= simd_stats<false, Simd::kLinear>(st, cmax.data());
       else bad |= simd_stats<false, false>(st, cmax.data());
 #pragma omp critical
       merge_col_max(cm, cmax);
@@ -912,9 +906,9 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
           else if (mode == 1) simd_block<1, true, false>(st, blk);
           else simd_block<2, true, false>(st, blk);
         } else {
-          if (mode == 0 && lin0) simd_block<0, false, true>(st, blk);
+          if (mode == 0 && lin0) simd_block<0, false, Simd::kLinear>(st, blk);
           else if (mode == 0) simd_block<0, false, false>(st, blk);
-          else if (mode == 1 && Simd::kLinear && sixteenth_exact(VS.get(b))) simd_block<1, false, true>(st, blk);
+          else if (mode == 1 && Simd::kLinear && sixteenth_exact(VS.get(b))) simd_block<1, false, Simd::kLinear>(st, blk);
           else if (mode == 1) simd_block<1, false, false>(st, blk);
           else simd_block<2, false, false>(st, blk);
         }
