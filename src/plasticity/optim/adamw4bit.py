@@ -662,7 +662,6 @@ class AdamW4bit(torch.optim.Optimizer):
         t = st["step"] + 1
         sc = dict(zip(("decay", "beta1", "beta2", "inv_bc2_sqrt", "eps", "step_size"),
                       _step_constants(group, t), strict=True))
-        plan["t"] = t
         if kind == "fp32" and backend == "cpp" and g.dtype == torch.float32:
             calls["fp32"].append((p.data, g.contiguous(), st["exp_avg"], st["exp_avg_sq"],
                                   sc["decay"], sc["beta1"], sc["beta2"], sc["inv_bc2_sqrt"],
@@ -684,7 +683,7 @@ class AdamW4bit(torch.optim.Optimizer):
         elif kind == "factor":
             st["exp_avg_sq_row"].copy_(plan["r_new"].view_as(st["exp_avg_sq_row"]))
             st["exp_avg_sq_col"].copy_(plan["c_new"].view_as(st["exp_avg_sq_col"]))
-        st["step"] = plan["t"]
+        st["step"] += 1
 
     @staticmethod
     def _update_fp32(p, g, st, sc) -> None:
