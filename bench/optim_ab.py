@@ -103,40 +103,43 @@ def full_steps(mods: dict, repeats: int, layers: int, second_moment: str,
     print_table(run("cpu", torch.float32, layers, repeats, None, makers=makers))
 
 
+def pass_inputs(rows: int, cols: int, gen: torch.Generator) -> dict:
+    """One rank-1 tensor's parameter, gradient, codes and scales, random, for the passes."""
+    n = rows * cols
+    return dict(
+        cols=cols, p=torch.randn(rows, cols, generator=gen), g=torch.randn(rows, cols, generator=gen) * 1e-3,
+        mc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
+        ms=torch.rand(n // 128, generator=gen),
+        vc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
+        ro=torch.rand(rows, generator=gen) * 1e-6 + 1e-7, co=torch.rand(cols, generator=gen) * 1e-6 + 1e-7)
+
+
+def stats_pass(mod, ts: list[dict]) -> None:
+    """Pass 1 of a rank-1 step over each tensor; its maxima go into the tensor's dict."""
+    for t in ts:
+        t["rm"], t["cm"], _ = mod.rank1_stats(t["g"], t["vc"], t["ro"], t["co"], t["cols"], False, 0.999)
+
+
+def update_pass(mod, ts: list[dict]) -> None:
+    """Pass 2 of a rank-1 step over each tensor (after `stats_pass`)."""
+    e = torch.zeros(0)
+    for t in ts:
+        mod.fused_step(t["p"], t["g"], t["mc"], t["ms"], t["vc"], e, t["ro"], t["co"], t["rm"], t["cm"],
+                       0, t["cols"], 1, False, 0.99, 0.9, 0.999, 1.0, 1e-8, 1e-4, 128)
+
+
 def model_passes(mods: dict, repeats: int, layers: int) -> None:
     """Both passes over every matrix of the GPT-2-medium shapes, kernel calls back to back."""
     from bench.optim import gpt2_medium_shapes
 
     gen = torch.Generator().manual_seed(0)
-    ts = []
-    for shape in gpt2_medium_shapes(layers):
-        if len(shape) != 2:
-            continue
-        rows, cols = shape
-        n = rows * cols
-        ts.append(dict(
-            cols=cols, p=torch.randn(shape, generator=gen), g=torch.randn(shape, generator=gen) * 1e-3,
-            mc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
-            ms=torch.rand(n // 128, generator=gen),
-            vc=torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen),
-            ro=torch.rand(rows, generator=gen) * 1e-6 + 1e-7, co=torch.rand(cols, generator=gen) * 1e-6 + 1e-7))
-    e = torch.zeros(0)
+    ts = [pass_inputs(*shape, gen) for shape in gpt2_medium_shapes(layers) if len(shape) == 2]
     n_total = sum(t["g"].numel() for t in ts)
-
-    def stats(mod):
-        for t in ts:
-            t["rm"], t["cm"], _ = mod.rank1_stats(t["g"], t["vc"], t["ro"], t["co"], t["cols"], False, 0.999)
-
-    def update(mod):
-        for t in ts:
-            mod.fused_step(t["p"], t["g"], t["mc"], t["ms"], t["vc"], e, t["ro"], t["co"], t["rm"], t["cm"],
-                           0, t["cols"], 1, False, 0.99, 0.9, 0.999, 1.0, 1e-8, 1e-4, 128)
-
     fns = {}
     for name, mod in mods.items():
-        stats(mod)
-        fns[f"{name}: statistics pass"] = lambda mod=mod: stats(mod)
-        fns[f"{name}: update pass"] = lambda mod=mod: update(mod)
+        stats_pass(mod, ts)
+        fns[f"{name}: statistics pass"] = lambda mod=mod: stats_pass(mod, ts)
+        fns[f"{name}: update pass"] = lambda mod=mod: update_pass(mod, ts)
     res = timed(fns, repeats)
     print(f"{len(ts)} matrices, {n_total / 1e6:.1f}M elements, {torch.get_num_threads()} threads, "
           f"median of {repeats}")
@@ -147,24 +150,15 @@ def model_passes(mods: dict, repeats: int, layers: int) -> None:
 def passes(mods: dict, repeats: int, rows: int, cols: int) -> None:
     gen = torch.Generator().manual_seed(0)
     n = rows * cols
-    p = torch.randn(rows, cols, generator=gen)
-    g = torch.randn(rows, cols, generator=gen) * 1e-3
-    mc = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
-    ms = torch.rand(n // 128, generator=gen)
-    vc = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
-    ro = torch.rand(rows, generator=gen) * 1e-6 + 1e-7
-    co = torch.rand(cols, generator=gen) * 1e-6 + 1e-7
-    e = torch.zeros(0)
+    t = pass_inputs(rows, cols, gen)
     pa = torch.nn.Parameter(torch.randn(rows, cols, generator=gen))
-    pa.grad = g.clone()
+    pa.grad = t["g"].clone()
     fns = {"torch AdamW fused": torch.optim.AdamW([pa], lr=1e-4, fused=True).step}
     for name, mod in mods.items():
-        rm, cm, _ = mod.rank1_stats(g, vc, ro, co, cols, False, 0.999)
-        fns[f"{name}: statistics pass"] = (
-            lambda mod=mod: mod.rank1_stats(g, vc, ro, co, cols, False, 0.999))
-        fns[f"{name}: update pass"] = (
-            lambda mod=mod, rm=rm, cm=cm: mod.fused_step(p, g, mc, ms, vc, e, ro, co, rm, cm, 0, cols, 1,
-                                                         False, 0.99, 0.9, 0.999, 1.0, 1e-8, 1e-4, 128))
+        ts = [dict(t)]  # this build's maxima, for its update pass
+        stats_pass(mod, ts)
+        fns[f"{name}: statistics pass"] = lambda mod=mod: stats_pass(mod, [t])
+        fns[f"{name}: update pass"] = lambda mod=mod, ts=ts: update_pass(mod, ts)
     inner = max(1, 20_000_000 // n)
     res = timed(fns, repeats, inner)
     print(f"{rows} x {cols}, {torch.get_num_threads()} threads, median of {repeats} x {inner}, ns per element")
