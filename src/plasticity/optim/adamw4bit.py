@@ -203,6 +203,11 @@ def _by_device(batch: list[tuple]) -> dict[torch.device, list[int]]:
     return out
 
 
+def _by_argument(calls: list[tuple]) -> list[list[Any]]:
+    """Argument tuples of several calls -> one list per argument (the C++ `*_many` form)."""
+    return [list(column) for column in zip(*calls, strict=True)]
+
+
 def _factor_plan(r_old: torch.Tensor, c_old: torch.Tensor, row_msq: torch.Tensor,
                  col_msq: torch.Tensor, b2: float, cuda: bool) -> dict[str, Any]:
     """A factor step's new row and column statistics, row factor and finiteness."""
@@ -424,9 +429,9 @@ class AdamW4bit(torch.optim.Optimizer):
             from plasticity.optim import _cpu
 
             if calls["fused"]:
-                _cpu.load().fused_step_many(*map(list, zip(*calls["fused"], strict=True)))
+                _cpu.load().fused_step_many(*_by_argument(calls["fused"]))
             if calls["fp32"]:
-                _cpu.load().fp32_step_many(*map(list, zip(*calls["fp32"], strict=True)))
+                _cpu.load().fp32_step_many(*_by_argument(calls["fp32"]))
         for _group, p, _g, kind, _backend, plan in work:
             self._finish_update(p, kind, plan)
         self._triton_apply(batch, runs)
@@ -631,14 +636,13 @@ class AdamW4bit(torch.optim.Optimizer):
                 pl["finite"] = f
         if r1:
             args = [pl.pop("rank1_args") for pl in r1]
-            row_max, col_max, finite = _cpu.load().rank1_stats_many(
-                *map(list, zip(*args, strict=True)))
+            row_max, col_max, finite = _cpu.load().rank1_stats_many(*_by_argument(args))
             for pl, rm, cm, f in zip(r1, row_max, col_max, finite, strict=True):
                 pl.update(finite=f, maxes=_dim_maxes(rm, cm, pl.pop("shape")), row_max=rm,
                           col_max=cm)
         if fac:
             args = [pl.pop("factor_args") for pl in fac]
-            row_sum, col_sum = _cpu.load().factor_stats_many(*map(list, zip(*args, strict=True)))
+            row_sum, col_sum = _cpu.load().factor_stats_many(*_by_argument(args))
             for pl, (_, rows, cols), rs, cs in zip(fac, args, row_sum, col_sum, strict=True):
                 pl.update(_factor_plan(pl.pop("r_old"), pl.pop("c_old"), rs / cols, cs / rows,
                                        pl.pop("b2"), False))
