@@ -179,19 +179,127 @@ def _owner() -> dict[str, Any]:
         user = getpass.getuser()
     except Exception:  # no user name in some containers
         user = None
-    return {"host": socket.gethostname(), "pid": os.getpid(), "user": user}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "user": user, **_process_identity()}
+
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _stat_of(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (clock ticks after boot) from /proc/<pid>/stat."""
+    text = _read_proc(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_space() -> dict[str, str] | None:
+    """What makes a pid mean the same process to two readers: the same boot of the same
+    kernel and the same pid namespace. A pid of another container (another namespace)
+    or of the machine before a reboot tells nothing here."""
+    import os
+
+    boot_id = _read_proc("/proc/sys/kernel/random/boot_id")
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    if not boot_id:
+        return None
+    return {"boot_id": boot_id.strip(), "pid_ns": pid_ns}
+
+
+def _process_identity() -> dict[str, Any]:
+    """`boot_id`, `pid_ns` and `pid_start` of this process (Linux), so that a later attempt
+    can tell whether it still runs even after its pid was given to another process; empty
+    where /proc does not tell (the heartbeat rule then decides alone)."""
+    import os
+
+    space = _pid_space()
+    stat = _stat_of(os.getpid())
+    if space is None or stat is None:
+        return {}
+    return {**space, "pid_start": stat[1]}
+
+
+def _checkable_here(owner: dict[str, Any]) -> bool:
+    """Whether this process can tell from the lock's owner fields if the owner runs: the
+    same host, boot and pid namespace, and a lock that records the pid's start time."""
+    import socket
+
+    return (
+        owner.get("host") == socket.gethostname()
+        and isinstance(owner.get("pid"), int)
+        and isinstance(owner.get("pid_start"), int)
+        and _pid_space() == {"boot_id": owner.get("boot_id"), "pid_ns": owner.get("pid_ns")}
+    )
+
+
+def owner_gone(owner: dict[str, Any]) -> str | None:
+    """Why the lock's owner process certainly no longer runs, or None when it runs or this
+    process cannot tell (another host, container or boot; a lock without the identity)."""
+    import os
+
+    # A lock written without the identity (by an older version): its pid alone could
+    # have been reused, so only the heartbeat decides.
+    if not _checkable_here(owner) or owner["pid"] <= 0:
+        return None
+    pid, start = owner["pid"], owner["pid_start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} is not running"
+    except PermissionError:
+        pass  # another user's process exists under that pid; /proc tells which
+    stat = _stat_of(pid)
+    if stat is None:
+        # Gone since the check above, or hidden (/proc mounted with hidepid): tell only
+        # when signalling it still fails.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"pid {pid} is not running"
+        except PermissionError:
+            pass
+        return None
+    state, now_start = stat
+    if now_start != start:
+        return f"pid {pid} now belongs to another process (started at tick {now_start}, not {start})"
+    if state in ("Z", "X", "x"):
+        return f"pid {pid} has exited (state {state}: not yet reaped by its parent)"
+    return None
 
 
 class RunLock:
     """One live attempt per run id: `runs/<run_id>/lock.json` in the run's storage.
 
-    The lock file names its owner (host, pid, user) and carries a heartbeat time that
-    the owner refreshes every `stale_after / 10` seconds from a background thread. A
-    lock whose heartbeat is older than `stale_after` belongs to a crashed attempt and is
-    taken over; a live one makes `acquire` raise `RunLockedError` with the owner, the
-    heartbeat's age and how to break it. The file is created exclusively (O_EXCL on a
-    local folder, a conditional PUT with If-None-Match on S3), so two attempts that start
-    together cannot both win. Clocks of the machines are assumed to agree (NTP).
+    The lock file names its owner (host, pid, user and, on Linux, what tells that pid's
+    process from a later one with the same pid: the boot id, the pid namespace and the
+    process's start time) and carries a heartbeat time that the owner refreshes every
+    `stale_after / 10` seconds from a background thread. A lock is taken over
+
+    - at once when its owner ran on this host, in this pid namespace and boot, and that
+      process is gone (no such pid, a zombie, or the pid now names a process that started
+      at another time): an attempt killed outright can be restarted straight away;
+    - else when its heartbeat is older than `stale_after` (a crashed attempt on another
+      host or in another container, or a lock written without the identity).
+
+    A live owner makes `acquire` raise `RunLockedError` with the owner, the heartbeat's
+    age and what to do. The file is created exclusively (O_EXCL on a local folder, a
+    conditional PUT with If-None-Match on S3), and a takeover goes through `_take_over`,
+    so two attempts that start together cannot both win. Clocks of the machines are
+    assumed to agree (NTP); two machines or containers may share a host name, which is
+    why the pid is believed only within the same boot and pid namespace.
     """
 
     FILE = "lock.json"
@@ -312,23 +420,41 @@ class RunLock:
             if data is None:
                 continue  # released meanwhile; try again
             age = time.time() - float(data.get("heartbeat_at") or 0.0)
-            if age < self.stale_after:
-                uri = self.storage.full_uri(self.path)
-                raise RunLockedError(
-                    f"run {self.run_id} is already running ({self.describe(data)}). Wait for "
-                    f"it to finish. If that attempt crashed, its lock is stale after "
-                    f"{self.stale_after:.0f} s without a heartbeat (storage.lock_stale_s), "
-                    f"{max(0.0, self.stale_after - age):.0f} s from now, and is then taken "
-                    f"over; to break it at once, make sure no process of the run is alive "
-                    f"and delete {uri}"
+            stale = age >= self.stale_after
+            gone = None if stale else owner_gone(data.get("owner") or {})
+            if not stale and gone is None:
+                raise RunLockedError(self._refusal(data, age))
+            if gone is not None:
+                log.warning(
+                    "run %s: taking over the lock of an attempt that is gone (%s: %s)",
+                    self.run_id, self.describe(data), gone,
                 )
-            log.warning(
-                "run %s: taking over a stale lock (%s)", self.run_id, self.describe(data)
-            )
+            else:
+                log.warning(
+                    "run %s: taking over a stale lock (%s)", self.run_id, self.describe(data)
+                )
             if self._take_over(data):
                 self.held = True
                 return self
         raise RunLockedError(f"run {self.run_id}: another attempt took the lock at the same time")
+
+    def _refusal(self, data: dict[str, Any], age: float) -> str:
+        head = f"run {self.run_id} is already running ({self.describe(data)})."
+        owner = data.get("owner") or {}
+        if _checkable_here(owner):
+            return (
+                f"{head} That process is alive on this host: wait for it to finish, or "
+                f"stop it; once it is gone the next attempt takes the lock over at once"
+            )
+        uri = self.storage.full_uri(self.path)
+        return (
+            f"{head} Wait for it to finish. If that attempt crashed: restarted on its own "
+            f"host ({owner.get('host')}), the run takes the lock over at once; from here "
+            f"the lock is stale after {self.stale_after:.0f} s without a heartbeat "
+            f"(storage.lock_stale_s), {max(0.0, self.stale_after - age):.0f} s from now, "
+            f"and is then taken over; to break it sooner, make sure no process of the run "
+            f"is alive and delete {uri}"
+        )
 
     def heartbeat(self) -> bool:
         """Refresh the heartbeat; False (and `lost`) when another attempt took the lock."""
