@@ -29,8 +29,10 @@ def main() -> None:
     from plasticity.config import ConceptConfig, ModelConfig, RunConfig
     from plasticity.data import load_statements
     from plasticity.models import load_model
-    from plasticity.stages import _eval_items, _truthfulqa_items, collect_last_token, score_metrics
     from plasticity.steering import contrast_pairs, steer
+    from plasticity.steering.evaluate import score_metrics
+    from plasticity.steering.forward import collect_last_token
+    from plasticity.steering.items import facts_items, truthfulqa_items
     from plasticity.steering.readers import (
         detection_accuracy,
         mean_difference,
@@ -75,9 +77,9 @@ def main() -> None:
 
     cfg = RunConfig()
     cfg.plasticity.n_items = args.items
-    facts = _eval_items(cfg, {pair.statement_index for pair in pairs[: args.train]})
+    facts = facts_items(cfg, {pair.statement_index for pair in pairs[: args.train]})
     cfg.plasticity.n_items = args.questions
-    questions = _truthfulqa_items(cfg)
+    questions = truthfulqa_items(cfg)
     metrics = ["facts_logit_gap", "facts_accuracy", "truthfulqa_mc1", "truthfulqa_mc2"]
     d_pca, norm = directions[args.layer]
     d_null = random_direction(lm.d_model, seed=12345)

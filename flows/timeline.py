@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from plasticity.config import config_from_dict, validate_run_id
-from plasticity.stages import intervention_steps
+from plasticity.stages.intervention import intervention_steps
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest, RunLock
 from tasks.actors import ensure_ray, start_workers, stop

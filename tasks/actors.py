@@ -27,7 +27,7 @@ class StageWorker:
         self._loaded: tuple[str, object] | None = None
 
     def _model(self, cfg: RunConfig, ckpt: CheckpointRef):
-        from plasticity.stages import device
+        from plasticity.stages.common import device
         from plasticity.storage.fs import Storage
         from plasticity.train.checkpoint import load_checkpoint
 
@@ -39,28 +39,28 @@ class StageWorker:
         return self._loaded[1]
 
     def finetune(self, cfg: RunConfig, run_id: str):
-        from plasticity.stages import finetune_stage
+        from plasticity.stages.finetune import finetune_stage
 
         refs, result = finetune_stage(cfg, run_id)
         return refs, self._where(result)
 
     def extract(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
-        from plasticity.stages import extract_stage
+        from plasticity.stages.extract import extract_stage
 
         return self._where(extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
 
     def plasticity(self, cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef]):
-        from plasticity.stages import plasticity_stage
+        from plasticity.stages.plasticity import plasticity_stage
 
         return self._where(plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target)))
 
     def vocab(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
-        from plasticity.stages import vocab_stage
+        from plasticity.stages.vocab import vocab_stage
 
         return self._where(vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
 
     def intervention(self, cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef]):
-        from plasticity.stages import intervention_stage
+        from plasticity.stages.intervention import intervention_stage
 
         self._loaded = None  # the branch trains its own copy; free the cached model first
         return self._where(intervention_stage(cfg, run_id, step, refs))

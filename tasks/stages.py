@@ -23,7 +23,8 @@ from prefect.cache_policies import NONE
 from prefect.runtime import task_run as current_task_run
 
 from plasticity.config import RunConfig
-from plasticity.stages import StageResult, report_stage, similarity_stage
+from plasticity.stages.common import StageResult
+from plasticity.stages.report import report_stage, similarity_stage
 from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest
 from plasticity.train.checkpoint import CheckpointRef
@@ -217,7 +218,7 @@ def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerS
 def vocab_similarity_task(cfg: RunConfig, run_id: str) -> None:
     """Drift, circuit similarity and parameter alignment between checkpoints, from what
     every checkpoint's vocab stage wrote."""
-    from plasticity.vocab.stage import vocab_similarity_stage
+    from plasticity.stages.vocab import vocab_similarity_stage
 
     manifest = _manifest(cfg, run_id)
     if manifest.is_done("vocab_similarity", "all"):

@@ -77,7 +77,7 @@ def test_sweep_scores_equal_one_steered_evaluation_per_variant(tiny_gpt2):
     from plasticity.data.concepts import load_statements
     from plasticity.data.pubmedqa import load_pubmedqa
     from plasticity.data.truthfulqa import load_truthfulqa
-    from plasticity.stages import score_metrics
+    from plasticity.steering.evaluate import score_metrics
 
     lm = tiny_gpt2
     facts = load_statements("facts_true_false")[:6]

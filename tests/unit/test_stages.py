@@ -297,10 +297,11 @@ def test_direction_similarity_is_the_cosine_of_each_pair_of_checkpoints(run):
 
 def test_facts_items_are_label_balanced_and_held_out():
     from plasticity.config import config_from_dict
+    from plasticity.steering.items import facts_items
 
     cfg = config_from_dict({"plasticity": {"n_items": 40}})
     held_back = set(range(0, 100))
-    items = stages._eval_items(cfg, held_back)
+    items = facts_items(cfg, held_back)
     assert len(items) == 40 and sum(s.label for s in items) == 20
     from plasticity.data import load_statements
 

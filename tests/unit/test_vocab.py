@@ -244,7 +244,7 @@ def test_ff_vectors_match_the_modules(small):
 
 @pytest.mark.parametrize("circuit", ["ov", "qk", "delta_ov"])
 def test_circuit_topk_equals_brute_force_for_every_layout(small, circuit):
-    from plasticity.vocab.stage import circuit_factors
+    from plasticity.vocab.readings import circuit_factors
 
     name, lm = small
     base = _small(name, seed=1) if circuit.startswith("delta") else None

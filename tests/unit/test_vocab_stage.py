@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     for r in refs:
         stages.extract_stage(cfg, "v1", r)
     results = [stages.vocab_stage(cfg, "v1", r) for r in refs]
-    from plasticity.vocab.stage import vocab_similarity_stage
+    from plasticity.stages.vocab import vocab_similarity_stage
 
     sim = vocab_similarity_stage(cfg, "v1")
     return cfg, refs, results, sim
@@ -168,7 +168,7 @@ def test_vocab_similarity_alignment_and_token_meta(run):
 
 
 def test_vocab_summary_markdown(run):
-    from plasticity.vocab.stage import vocab_summary_markdown
+    from plasticity.analysis.vocab_report import vocab_summary_markdown
 
     cfg, refs, _, _ = run
     md = vocab_summary_markdown(Storage.from_config(cfg.storage), "v1")

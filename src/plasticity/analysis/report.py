@@ -478,10 +478,8 @@ def _directions_markdown(cfg, directions, sim, steered_layer) -> list[str]:
 
 
 def _vocab_markdown(storage, run_id) -> list[str]:
-    try:
-        from plasticity.vocab.stage import vocab_summary_markdown
-    except ImportError:
-        return []
+    from plasticity.analysis.vocab_report import vocab_summary_markdown
+
     try:
         section = vocab_summary_markdown(storage, run_id)
     except FileNotFoundError:

@@ -204,3 +204,19 @@ def pubmedqa_correct(log_odds: torch.Tensor, items) -> torch.Tensor:
     """1 where the sign of log p(' yes') - log p(' no') matches the expert label."""
     truth = torch.tensor([i.decision == "yes" for i in items])
     return ((log_odds > 0) == truth).double()
+
+
+def score_metrics(
+    lm: LoadedModel, metrics: list[str], facts, questions, batch_size: int, pubmedqa=()
+) -> dict[str, torch.Tensor]:
+    """Per-item values of each metric for the model as it is (steering hooks included)."""
+    out: dict[str, torch.Tensor] = {}
+    if "pubmedqa_accuracy" in metrics:
+        out["pubmedqa_accuracy"] = pubmedqa_accuracy(lm, list(pubmedqa), batch_size)
+    if {"facts_logit_gap", "facts_accuracy", "facts_true_bias"} & set(metrics):
+        gap = facts_logit_gap(lm, facts, batch_size)
+        out["facts_logit_gap"], out["facts_accuracy"] = gap, facts_accuracy(gap)
+        out["facts_true_bias"] = gap * facts_signs(facts)
+    if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(metrics):
+        out["truthfulqa_mc1"], out["truthfulqa_mc2"] = truthfulqa_mc(lm, questions, batch_size)
+    return {m: out[m] for m in metrics}

@@ -51,3 +51,22 @@ def forward(lm: LoadedModel, batch: dict[str, torch.Tensor], logits_to_keep: int
     device = model_device(lm)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return lm.model(**batch, use_cache=False, logits_to_keep=logits_to_keep)
+
+
+@torch.no_grad()
+def collect_last_token(
+    lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Hidden state of the last token of each prompt at each layer's block output."""
+    from plasticity.steering.hooks import capture, hook_name
+
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    token_index: list[torch.Tensor] = []
+    with capture(lm, layers) as store:
+        for _, chunk in batches(prompts, batch_size):
+            enc = encode_left_padded(lm, chunk)
+            forward(lm, enc)
+            token_index.append(enc["attention_mask"].sum(-1).cpu() - 1)
+            for layer in layers:
+                out[layer].append(store[hook_name(layer)][:, -1].float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(token_index)
