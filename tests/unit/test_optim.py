@@ -364,7 +364,7 @@ def _check_quantizers():
 def test_factor_statistics_in_chunks_match_float64():
     """`factor`'s row and column means of g^2, formed a chunk at a time in a small buffer
     (whole batches per chunk, or rows of one batch, or one row), equal float64 means."""
-    from plasticity.optim.adamw4bit import _mean_squares
+    from plasticity.optim._numerics import _mean_squares
 
     gen = torch.Generator().manual_seed(3)
     for shape in [(5, 7, 9), (2, 50, 33), (1, 300, 17), (40, 3, 3)]:
@@ -390,7 +390,7 @@ def _check_factor_statistics():
     rows, of one row, a row longer than its buffer), gradients with outliers, subnormal
     squares and zeros. A plain sum in another order differs in these bits."""
     from plasticity.optim import _cpu
-    from plasticity.optim.adamw4bit import _mean_squares
+    from plasticity.optim._numerics import _mean_squares
 
     mod = _cpu.load()
     assert mod is not None, "the C++ kernel did not build"

@@ -2,7 +2,7 @@
 //
 // Built on first use by plasticity.optim._cpu (torch.utils.cpp_extension). Compiled
 // without fast-math and with -ffp-contract=off: every operation rounds exactly as the
-// pure-PyTorch path in plasticity.optim.adamw4bit does, so both give identical bits.
+// pure-PyTorch path in plasticity.optim._numerics does, so both give identical bits.
 //
 // Both passes' vector loops (simd_block, simd_stats) are written once, in the operations of
 // `Simd`: 16 lanes where the compiler targets AVX-512 (F, BW, DQ, VL), 8 lanes where it
@@ -1062,7 +1062,7 @@ void fused_step(torch::Tensor param, torch::Tensor grad, torch::Tensor m_codes,
 }
 
 // One AdamW step with fp32 moments (tensors too small to quantize), the same operations
-// as AdamW4bit._update_fp32 in the same order.
+// as plasticity.optim._numerics._update_fp32, in the same order.
 void fp32_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
                torch::Tensor exp_avg_sq, double decay, double beta1, double beta2,
                double inv_bc2_sqrt, double eps, double step_size) {
@@ -1164,7 +1164,7 @@ void fp32_step_many(const Tensors& param, const Tensors& grad, const Tensors& ex
 
 // ------------------------------------------------------------------ factor statistics
 // Sums of g^2 along each row and each column of every (rows x cols) slice, each as the
-// pairwise tree that plasticity.optim.adamw4bit._pair_sums spells out in PyTorch
+// pairwise tree that plasticity.optim._numerics._pair_sums spells out in PyTorch
 // operations: adjacent pairs added, an odd last element carried up unchanged, until one
 // value is left (the same as a perfect tree over the length rounded up to a power of two,
 // padded with zeros, since every operand is >= +0). Same order, same bits.
