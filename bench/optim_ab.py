@@ -4,7 +4,8 @@ Machine speed drifts between runs, so a kernel change is measured against the pr
 source in the same process: each build steps its own `AdamW4bit` over the same
 GPT-2-medium-shaped parameters (as `bench.optim`), with fused fp32 AdamW as the baseline, in
 a shuffled order per repeat. `--rev REV` adds the optimizer of an earlier commit (its
-`adamw4bit.py` and its kernel), to measure a change of the Python step too. `--passes` times
+`adamw4bit.py`, with its `_numerics.py` and `_dispatch.py` where it has them, and its kernel),
+to measure a change of the Python step too. `--passes` times
 the two passes alone instead, in ns per element, on one (rows x cols) tensor, or with
 `--model` over all the matrices of the GPT-2-medium shapes (the kernels called back to
 back, no optimizer around them).
@@ -23,6 +24,7 @@ import hashlib
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -66,9 +68,29 @@ def at_revision(rev: str):
             raise SystemExit(f"bench.optim_ab: git show {rev}:{path} failed: {out.stderr.strip()}")
         return out.stdout
 
-    module = types.ModuleType(f"adamw4bit_at_{rev}")
-    exec(compile(show("src/plasticity/optim/adamw4bit.py"), f"{rev}:adamw4bit.py", "exec"),
-         module.__dict__)
+    def exists(path: str) -> bool:
+        return subprocess.run(["git", "cat-file", "-e", f"{rev}:{path}"],
+                              capture_output=True).returncode == 0
+
+    # Each module imports only the ones before it. While it runs, the commit's versions of
+    # those stand in for the working tree's in sys.modules, so that its imports bind them.
+    at_rev: dict[str, types.ModuleType] = {}
+    for name in ("_numerics", "_dispatch", "adamw4bit"):
+        path = f"src/plasticity/optim/{name}.py"
+        if name != "adamw4bit" and not exists(path):  # (commits before the step was split up)
+            continue
+        module = types.ModuleType(f"{name}_at_{rev}")
+        saved = {key: sys.modules.get(key) for key in at_rev}
+        sys.modules.update(at_rev)
+        try:
+            exec(compile(show(path), f"{rev}:{name}.py", "exec"), module.__dict__)
+        finally:
+            for key, previous in saved.items():
+                if previous is None:
+                    sys.modules.pop(key, None)
+                else:
+                    sys.modules[key] = previous
+        at_rev[f"plasticity.optim.{name}"] = module
     src = Path(tempfile.mkdtemp()) / "_cpu_kernel.cpp"
     src.write_text(show("src/plasticity/optim/_cpu_kernel.cpp"))
     return module.AdamW4bit, build(src)
