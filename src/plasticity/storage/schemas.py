@@ -43,6 +43,7 @@ class TableSpec:
 _ts = pa.timestamp("us", tz="UTC")
 _RUN = (("run_id", pa.string()),)
 _RUN_STEP = (("run_id", pa.string()), ("checkpoint_step", pa.int64()))
+_STUDY = (("study_id", pa.string()),)
 
 TABLES: dict[str, TableSpec] = {
     t.name: t
@@ -213,6 +214,46 @@ TABLES: dict[str, TableSpec] = {
                 ("param", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
                 ("delta_norm", pa.float64()), ("relative_delta_norm", pa.float64()),
                 ("top_singular_values", pa.list_(pa.float64())),
+            ),
+        ),
+        # Study tables: one partition per study; a study's runs are its rows.
+        TableSpec(
+            "study_runs",
+            _STUDY,
+            (
+                ("run_id", pa.string()), ("group", pa.string()), ("seed", pa.int64()),
+                ("axes", pa.string()), ("model", pa.string()), ("concept", pa.string()),
+                ("method", pa.string()), ("metric", pa.string()), ("layers", pa.string()),
+                ("operator", pa.string()), ("max_steps", pa.int64()),
+                ("snapshot_steps", pa.list_(pa.int64())), ("status", pa.string()),
+                ("error", pa.string()),
+            ),
+        ),
+        TableSpec(
+            "study_plasticity",
+            _STUDY,
+            (
+                ("group", pa.string()), ("concept", pa.string()), ("metric", pa.string()),
+                ("layers", pa.string()), ("operator", pa.string()),
+                ("source_fraction", pa.float64()), ("target_fraction", pa.float64()),
+                ("n_runs", pa.int64()), ("n_items", pa.int64()), ("slope", pa.float64()),
+                ("seed_sd", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+                ("null_slope", pa.float64()), ("above_null", pa.float64()),
+                ("above_null_ci_low", pa.float64()), ("above_null_ci_high", pa.float64()),
+                ("runs_above_null", pa.int64()),
+            ),
+        ),
+        TableSpec(
+            "study_stats",
+            _STUDY,
+            (
+                ("group", pa.string()), ("concept", pa.string()), ("metric", pa.string()),
+                ("layers", pa.string()), ("operator", pa.string()), ("test", pa.string()),
+                ("fraction_a", pa.float64()), ("fraction_b", pa.float64()),
+                ("statistic", pa.float64()), ("p_value", pa.float64()),
+                ("p_adjusted", pa.float64()), ("diff", pa.float64()), ("ci_low", pa.float64()),
+                ("ci_high", pa.float64()), ("n_runs", pa.int64()), ("n_agree", pa.int64()),
+                ("critical_window", pa.bool_()),
             ),
         ),
         TableSpec(
