@@ -176,6 +176,22 @@ def test_vocab_summary_markdown(run):
     for ref in refs:
         assert f"### Step {ref.step}" in md
     assert "honesty direction" in md and "| weight delta |" in md
+    # The steered layer's direction is read too, when it is not the best layer.
+    storage = Storage.from_config(cfg.storage)
+    dirs = [r for r in read_table(storage, "directions", ["v1"]).to_pylist()
+            if r["checkpoint_step"] == refs[-1].step and r["method"] != "random"]
+    best = max(dirs, key=lambda r: (r["detection_accuracy"], -{"pca": 0, "mean_diff": 1}[r["method"]], -r["layer"]))
+    other = next(x for x in (1, 2) if x != best["layer"])
+    md = vocab_summary_markdown(storage, "v1", steered=("pca", other))
+    last = md.split(f"### Step {refs[-1].step}")[1]
+    assert f"At the steered layer (`pca`, layer {other}, test detection accuracy" in last
+    top = sorted((r for r in read_table(storage, "vocab_topk", ["v1"]).to_pylist()
+                  if r["checkpoint_step"] == refs[-1].step and r["object"] == "direction_pca"
+                  and r["layer"] == other and r["sign"] == 1 and r["variant"] == "raw"),
+                 key=lambda r: r["rank"])
+    assert f"promotes `{top[0]['token']!r}`" in last.split("At the steered layer")[1]
+    same = vocab_summary_markdown(storage, "v1", steered=(best["method"], best["layer"]))
+    assert "At the steered layer" not in same.split(f"### Step {refs[-1].step}")[1]
     with pytest.raises(FileNotFoundError):
         vocab_summary_markdown(Storage.from_config(cfg.storage), "no-such-run")
 

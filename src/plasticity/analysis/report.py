@@ -375,7 +375,7 @@ def build_report(storage: Storage, run_id: str, cfg: RunConfig, shards: dict[str
     lines = [f"# Run `{run_id}`: {cfg.concept.name} plasticity", ""]
     lines += matrix_md + training_md
     lines += _directions_markdown(cfg, directions, sim, steered_layer)
-    lines += _vocab_markdown(storage, run_id)
+    lines += _vocab_markdown(storage, run_id, (p.method, steered_layer) if steered_layer is not None else None)
     lines += ["", "## Figures", ""] + [f"- `{name}.png`" for name in figs]
     rep.markdown = "\n".join(lines) + "\n"
     storage.write_bytes(posixpath.join(out_dir, "summary.md"), rep.markdown.encode())
@@ -477,11 +477,11 @@ def _directions_markdown(cfg, directions, sim, steered_layer) -> list[str]:
     return lines
 
 
-def _vocab_markdown(storage, run_id) -> list[str]:
+def _vocab_markdown(storage, run_id, steered) -> list[str]:
     from plasticity.analysis.vocab_report import vocab_summary_markdown
 
     try:
-        section = vocab_summary_markdown(storage, run_id)
+        section = vocab_summary_markdown(storage, run_id, steered=steered)
     except FileNotFoundError:
         return []
     return ["", section.strip()] if section else []

@@ -12,11 +12,15 @@ def _fmt_tokens(rows: list[dict], n: int) -> str:
     return ", ".join(f"`{r['token']!r}`"[0:40] for r in rows) or "-"
 
 
-def vocab_summary_markdown(storage: Storage, run_id: str, n_tokens: int = 8, n_deltas: int = 3) -> str:
+def vocab_summary_markdown(storage: Storage, run_id: str, n_tokens: int = 8, n_deltas: int = 3,
+                           steered: tuple[str, int] | None = None) -> str:
     """A Markdown section: per checkpoint, the top and bottom tokens of the honesty
-    direction at its best layer (by test detection accuracy, any reader but `random`)
-    and the largest weight deltas (by relative norm) with the top tokens of their first
-    singular vector. Raises FileNotFoundError when the run has no vocab output."""
+    direction at its best layer (by test detection accuracy, any reader but `random`),
+    and at the steered layer (`steered`: the steering reader and layer) when that is
+    another one: the best layer is often an early one, whose projection through the
+    unembedding reads as sub-word noise. Then the largest weight deltas (by relative
+    norm) with the top tokens of their first singular vector. Raises FileNotFoundError
+    when the run has no vocab output."""
     topk = read_table(storage, "vocab_topk", [run_id]).to_pylist()
     try:
         directions = read_table(storage, "directions", [run_id]).select(
@@ -47,10 +51,22 @@ def vocab_summary_markdown(storage: Storage, run_id: str, n_tokens: int = 8, n_d
             bot = by_key.get((step, obj, best["layer"], 0, -1), [])
             lines.append(
                 f"{best['concept']} direction (`{best['method']}`, layer {best['layer']}, test "
-                f"detection accuracy {best['detection_accuracy']:.3f}): promotes "
+                f"detection accuracy {best['detection_accuracy']:.3f}, the best layer): promotes "
                 f"{_fmt_tokens(top, n_tokens)}; suppresses {_fmt_tokens(bot, n_tokens)}."
             )
             lines.append("")
+            if steered is not None and (steered[0], steered[1]) != (best["method"], best["layer"]):
+                method, layer = steered
+                row = next((r for r in cands if r["method"] == method and r["layer"] == layer), None)
+                top = by_key.get((step, f"direction_{method}", layer, 0, 1), [])
+                bot = by_key.get((step, f"direction_{method}", layer, 0, -1), [])
+                if top or bot:
+                    acc = f", test detection accuracy {row['detection_accuracy']:.3f}" if row else ""
+                    lines.append(
+                        f"At the steered layer (`{method}`, layer {layer}{acc}): promotes "
+                        f"{_fmt_tokens(top, n_tokens)}; suppresses {_fmt_tokens(bot, n_tokens)}."
+                    )
+                    lines.append("")
         mats = [r for r in deltas if r["checkpoint_step"] == step and r["head"] is None and r["layer"] is not None]
         mats.sort(key=lambda r: -(r["relative_delta_norm"] or 0.0))
         if mats:
