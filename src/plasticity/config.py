@@ -297,7 +297,8 @@ class StorageConfig:
     lock_stale_s: float = option(
         600.0,
         "A run's lock whose heartbeat is older than this many seconds is stale (its "
-        "owner crashed) and is taken over; the owner refreshes it every tenth of that.",
+        "owner crashed) and is taken over; the owner refreshes it every tenth of that. A "
+        "lock whose owner process is gone from this host is taken over at once.",
         _positive,
     )
 
