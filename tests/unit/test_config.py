@@ -120,6 +120,23 @@ def test_preflight_catches_layers_outside_the_model_and_missing_files():
     assert any(e.startswith("data.corpus:") for e in errors)
 
 
+def test_preflight_catches_circuit_heads_outside_the_model(tmp_path):
+    # Gemma 3 270M has 4 heads: the quick config's heads [0, 3, 6] fail before any work.
+    cfg = config_from_dict({"model": {"source": "gemma3-270m"}, "vocab": {"circuit_heads": [0, 3, 6]}})
+    assert "vocab.circuit_heads: heads [6] are outside the model's 0..3" in preflight(cfg)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_attention_heads": 2, "num_hidden_layers": 4}')
+    cfg = config_from_dict({"model": {"source": str(folder)}, "vocab": {"circuit_heads": [1, 2]}})
+    assert "vocab.circuit_heads: heads [2] are outside the model's 0..1" in preflight(cfg)
+    cfg = config_from_dict({"model": {"source": "smollm2-135m"}, "vocab": {"circuit_heads": [0, 3, 6]}})
+    assert not [e for e in preflight(cfg) if e.startswith("vocab.circuit_heads")]
+    # Without circuits the heads are not read (the quick study's Gemma arm).
+    cfg = config_from_dict({"model": {"source": "gemma3-270m"},
+                            "vocab": {"circuit_heads": [0, 3, 6], "circuits": []}})
+    assert not [e for e in preflight(cfg) if e.startswith("vocab.circuit_heads")]
+
+
 @pytest.mark.parametrize("run_id", ["../x", "a/b", "", ".hidden", "x" * 200, "a b"])
 def test_run_ids_with_path_characters_are_refused(run_id):
     with pytest.raises(ConfigError, match="run_id"):

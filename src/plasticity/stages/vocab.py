@@ -185,7 +185,7 @@ def vocab_stage(
         n_heads = W.head_weights(lm, layer).n_heads
         heads = list(range(n_heads)) if v.circuit_heads is None else list(v.circuit_heads)
         bad = [h for h in heads if not 0 <= h < n_heads]
-        if bad:
+        if bad and v.circuits:  # the heads are only read as circuits
             raise ValueError(f"vocab.circuit_heads: heads {bad} outside 0..{n_heads - 1}")
         for head in heads:
             for circuit in v.circuits:

@@ -8,6 +8,7 @@ import torch
 
 from plasticity.data.concepts import Statement
 from plasticity.models.loading import LoadedModel
+from plasticity.models.tokens import special_prefix
 from plasticity.steering.forward import batches, encode_left_padded, forward, pad_left
 
 FACTS_PROMPT = "Is the following statement true or false?\nStatement: {statement}\nAnswer:"
@@ -103,8 +104,9 @@ def continuation_logprobs(
     """
     tok = lm.tokenizer
     seqs, n_cont = [], []
+    prefix = special_prefix(tok)
     for prompt, cont in zip(prompts, continuations, strict=True):
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        p_ids = prefix + tok(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tok(cont, add_special_tokens=False)["input_ids"]
         if not c_ids:
             raise ValueError(f"empty continuation for prompt {prompt[:40]!r}")

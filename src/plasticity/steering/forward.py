@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from plasticity.models.loading import LoadedModel
+from plasticity.models.tokens import special_prefix
 
 
 def model_device(lm: LoadedModel) -> torch.device:
@@ -32,7 +33,8 @@ def pad_left(token_lists: list[list[int]], pad_id: int, device) -> dict[str, tor
 
 
 def encode_left_padded(lm: LoadedModel, prompts: list[str]) -> dict[str, torch.Tensor]:
-    ids = lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prefix = special_prefix(lm.tokenizer)
+    ids = [prefix + x for x in lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return pad_left(ids, lm.tokenizer.pad_token_id, model_device(lm))
 
 

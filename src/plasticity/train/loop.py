@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from plasticity.config import TrainConfig
+from plasticity.models.tokens import special_prefix
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class TrainRecord:
 
 
 def pack_corpus(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    """Tokenize documents, join them with EOS and cut the stream into full blocks."""
+    """Tokenize documents (each after the tokenizer's special prefix, e.g. Gemma's BOS),
+    join them with EOS and cut the stream into full blocks."""
     eos = tokenizer.eos_token_id
+    prefix = special_prefix(tokenizer)
     stream: list[int] = []
     for doc in docs:
-        stream += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        stream += prefix + tokenizer(doc, add_special_tokens=False)["input_ids"]
         stream.append(eos)
     n_blocks = len(stream) // block_size
     if n_blocks == 0:

@@ -89,7 +89,7 @@ def head_weights(lm: LoadedModel, layer: int) -> HeadWeights:
         per_head = w.reshape(d, n_heads, 3, dh).permute(2, 1, 0, 3)  # (3, H, d, dh)
         q, k, v = per_head[0], per_head[1], per_head[2]
         o_w = _xw(block.attention.dense)
-    elif kind in ("llama", "mistral", "qwen2", "biogpt"):
+    elif kind in ("llama", "mistral", "qwen2", "gemma3_text", "biogpt"):
         attn = block.self_attn
         q = _heads_in(_xw(attn.q_proj), n_heads)
         k = _repeat_kv(_heads_in(_xw(attn.k_proj), n_kv), n_heads)
@@ -115,7 +115,7 @@ def ff_weights(lm: LoadedModel, layer: int) -> dict[str, torch.Tensor]:
         }
     if kind == "biogpt":
         return {"ff_key": _xw(block.fc1).t(), "ff_value": _xw(block.fc2)}
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in ("llama", "mistral", "qwen2", "gemma3_text"):
         return {
             "ff_key": _xw(block.mlp.gate_proj).t(),
             "ff_up": _xw(block.mlp.up_proj).t(),
@@ -165,8 +165,8 @@ class FinalNorm:
 def final_norm(lm: LoadedModel) -> FinalNorm:
     norm = lm.adapter.norm(lm.model)
     gain = norm.weight.detach().float()
-    if getattr(lm.model.config, "model_type", "") == "gemma":  # pragma: no cover
-        gain = gain + 1.0
+    if str(getattr(lm.model.config, "model_type", "")).startswith("gemma"):
+        gain = gain + 1.0  # Gemma's RMSNorm scales by (1 + weight)
     return FinalNorm(gain=gain, centre=isinstance(norm, nn.LayerNorm))
 
 
