@@ -10,13 +10,23 @@ import ray
 
 from plasticity.config import RunConfig
 from plasticity.train.checkpoint import CheckpointRef
+from tasks.logs import Drained, record_failure
+from tasks.logs import install as install_log_buffer
 
 log = logging.getLogger(__name__)
+LOGS_GROUP = "logs"
 
 
 class StageWorker:
     """Runs stages in its own process; keeps the most recently used model loaded, so an
-    actor asked to evaluate every source against target j loads model j once."""
+    actor asked to evaluate every source against target j loads model j once.
+
+    Each stage method takes the `call_id` the task gave it: while the call runs, the
+    process's log records (and fine-tuning's train-metrics rows) are kept under that id
+    for `drain_logs`, which runs in its own concurrency group so that the task can read
+    them while the stage is busy. Stage methods share the default group (one at a time).
+    A call without an id keeps nothing.
+    """
 
     def __init__(self, threads: int | None = None):
         import torch
@@ -24,7 +34,21 @@ class StageWorker:
         if threads:
             torch.set_num_threads(threads)
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        self._logs = install_log_buffer()
         self._loaded: tuple[str, object] | None = None
+
+    @ray.method(concurrency_group=LOGS_GROUP)
+    def drain_logs(self, call_id: str) -> Drained:
+        return self._logs.drain(call_id)
+
+    def _call(self, call_id: str | None, what: str, fn):
+        with self._logs.running(call_id):
+            try:
+                return fn()
+            except BaseException as exc:
+                if call_id is not None:
+                    record_failure(self._logs, what, exc)
+                raise
 
     def _model(self, cfg: RunConfig, ckpt: CheckpointRef):
         from plasticity.stages.common import device
@@ -38,32 +62,44 @@ class StageWorker:
             self._loaded = (ckpt.path, lm)
         return self._loaded[1]
 
-    def finetune(self, cfg: RunConfig, run_id: str):
+    def finetune(self, cfg: RunConfig, run_id: str, call_id: str | None = None):
         from plasticity.stages.finetune import finetune_stage
 
-        refs, result = finetune_stage(cfg, run_id)
-        return refs, self._where(result)
+        def run():
+            observe = self._logs.add_metric if call_id is not None else None
+            refs, result = finetune_stage(cfg, run_id, observe=observe)
+            return refs, self._where(result)
 
-    def extract(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
+        return self._call(call_id, "finetune", run)
+
+    def extract(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef, call_id: str | None = None):
         from plasticity.stages.extract import extract_stage
 
-        return self._where(extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
+        return self._call(call_id, f"extract step={ckpt.step}", lambda: self._where(
+            extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt))))
 
-    def plasticity(self, cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef]):
+    def plasticity(self, cfg: RunConfig, run_id: str, target: CheckpointRef,
+                   sources: list[CheckpointRef], call_id: str | None = None):
         from plasticity.stages.plasticity import plasticity_stage
 
-        return self._where(plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target)))
+        return self._call(call_id, f"plasticity target={target.step}", lambda: self._where(
+            plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target))))
 
-    def vocab(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef):
+    def vocab(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef, call_id: str | None = None):
         from plasticity.stages.vocab import vocab_stage
 
-        return self._where(vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt)))
+        return self._call(call_id, f"vocab step={ckpt.step}", lambda: self._where(
+            vocab_stage(cfg, run_id, ckpt, self._model(cfg, ckpt))))
 
-    def intervention(self, cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef]):
+    def intervention(self, cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef],
+                     call_id: str | None = None):
         from plasticity.stages.intervention import intervention_stage
 
-        self._loaded = None  # the branch trains its own copy; free the cached model first
-        return self._where(intervention_stage(cfg, run_id, step, refs))
+        def run():
+            self._loaded = None  # the branch trains its own copy; free the cached model first
+            return self._where(intervention_stage(cfg, run_id, step, refs))
+
+        return self._call(call_id, f"intervention step={step}", run)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -76,7 +112,8 @@ class StageWorker:
 
 NODE_KEY = "ray_node_id"
 # Restarts and retries are bounded per actor by compute.actor_restarts (see `_options`).
-RemoteStageWorker = ray.remote(StageWorker)
+# The logs group has its own thread, so a drain never waits for the stage running.
+RemoteStageWorker = ray.remote(concurrency_groups={LOGS_GROUP: 1})(StageWorker)
 
 
 def _loopback_only() -> None:

@@ -339,6 +339,13 @@ class ComputeConfig:
         "Folder shipped to a remote Ray cluster as the runtime_env working_dir (None: "
         "the cluster's image has the project installed). Never for local Ray.",
     )
+    forward_logs: bool = option(
+        True,
+        "Copy the stage actors' log records (and fine-tuning's step-by-step progress) into "
+        "the Prefect task run that drives each stage, while it runs; the actors still log "
+        "to stderr either way. false: logs reach only the terminal, and the fine-tuning "
+        "progress artefact moves at each snapshot.",
+    )
 
 
 @dataclass

@@ -26,11 +26,13 @@ def run(tmp_path_factory):
          "plasticity.n_items=16", "concept.max_pairs=40", "concept.n_train=24",
          "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2, pubmedqa_accuracy]"],
     )
-    refs, ft = stages.finetune_stage(cfg, "t1")
+    observed: list[dict] = []
+    refs, ft = stages.finetune_stage(cfg, "t1", observe=observed.append)
     ex = [stages.extract_stage(cfg, "t1", r) for r in refs]
     pl = [stages.plasticity_stage(cfg, "t1", r, refs) for r in refs]
     vo = [stages.vocab_stage(cfg, "t1", r) for r in refs]
-    return cfg, refs, {"finetune": ft, "extract": ex, "plasticity": pl, "vocab": vo}
+    return cfg, refs, {"finetune": ft, "extract": ex, "plasticity": pl, "vocab": vo,
+                       "observed": observed}
 
 
 def test_finetune_writes_checkpoints_and_metrics(run):
@@ -60,6 +62,10 @@ def test_finetune_writes_checkpoints_and_metrics(run):
     ckpts = read_table(storage, "checkpoints", ["t1"]).sort_by("step")
     assert ckpts.column("sha256").to_pylist() == [r.sha256 for r in refs]
     assert refs[0].sha256 != refs[1].sha256
+    # `observe` saw each row as it was recorded, the same rows the shards hold.
+    observed = results["observed"]
+    assert [r["step"] for r in observed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in observed] == metrics.column("loss").to_pylist()
 
 
 def test_activations_and_directions_agree(run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from plasticity.config import RunConfig
@@ -26,11 +27,15 @@ def _finetune_shards(storage: Storage, run_id: str) -> list[str]:
     )
 
 
-def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], StageResult]:
+def finetune_stage(
+    cfg: RunConfig, run_id: str, observe: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[list[CheckpointRef], StageResult]:
     """Fine-tune the configured model; write checkpoints and train metrics.
 
     When an earlier attempt of the run wrote checkpoints, training resumes from the last
     one (weights, optimizer state, data position and RNG states), bit for bit.
+    `observe(row)`, if given, sees each train-metrics row as it is recorded, long before
+    its shard is written at the next snapshot (a live progress display).
     """
     from plasticity.data.corpus import load_corpus
     from plasticity.train.checkpoint import (
@@ -91,6 +96,8 @@ def finetune_stage(cfg: RunConfig, run_id: str) -> tuple[list[CheckpointRef], St
         log.info(
             "step %d/%d loss %.4f lr %.2e", rec.step, cfg.train.max_steps, rec.loss, rec.lr
         )
+        if observe is not None:
+            observe(pending[-1])
 
     def on_snapshot(state) -> None:
         step = state.step
