@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from prefect import get_run_logger, task
@@ -29,6 +32,7 @@ from plasticity.storage.fs import Storage
 from plasticity.storage.manifest import Manifest
 from plasticity.train.checkpoint import CheckpointRef
 from tasks.actors import NODE_KEY, WorkerSpec, actor, start_trainer, stop
+from tasks.logs import Drained, RunLogSink
 from tasks.runtime import (
     RETRIES,
     RETRY_BACKOFF_S,
@@ -54,6 +58,10 @@ STAGE_TASK = dict(
 )
 # How often the fine-tuning task refreshes its progress artefact while the actor trains.
 PROGRESS_POLL_S = 2.0
+# How often a task asks its actor for the log records of the call it is running.
+LOG_POLL_S = 1.0
+# How long the last drain after a call may take before forwarding gives up on it.
+LOG_FINAL_DRAIN_TIMEOUT_S = 30.0
 # How long a call waits for its lost actor to come back (Ray notices a dead node within
 # its health-check period, then restarts the actor if it has restarts left).
 ACTOR_LOST_TIMEOUT_S = 300.0
@@ -63,7 +71,90 @@ def _manifest(cfg: RunConfig, run_id: str) -> Manifest:
     return Manifest(Storage.from_config(cfg.storage), run_id)
 
 
-def actor_call(cfg: RunConfig, what: str, submit, wait=None):
+class ActorLogs:
+    """Forwards the log records of one stage call from its actor to this task run.
+
+    With compute.forward_logs, the call gets a fresh id; while it runs, the actor's
+    records under that id are drained about every LOG_POLL_S (one drain in flight at a
+    time, so a slow actor never holds the task up) and once more after the call ends,
+    also when it failed, so that its cause and traceback reach the task run's logs.
+    `on_metrics(rows)` gets the train-metrics rows that came with a drain. Forwarding
+    never fails a stage: an error in draining is logged as a warning and ends forwarding
+    for this call; an actor that is restarting or gone is left to the call to report.
+    A resubmitted call (its actor restarted) keeps the id.
+    """
+
+    def __init__(self, cfg: RunConfig, worker: WorkerSpec, what: str,
+                 on_metrics: Callable[[list[dict[str, Any]]], None] | None = None):
+        self.call_id: str | None = uuid.uuid4().hex if cfg.compute.forward_logs else None
+        self.worker = worker
+        self.what = what
+        self.on_metrics = on_metrics
+        self._pending = None  # the drain in flight
+        self._sink: RunLogSink | None = None
+
+    def _drain_ref(self):
+        return actor(self.worker).drain_logs.remote(self.call_id)
+
+    def poll(self) -> None:
+        """Send what the actor has so far, without waiting for it."""
+        if self.call_id is None:
+            return
+        try:
+            if self._pending is None:
+                self._pending = self._drain_ref()
+            if not ray.wait([self._pending], timeout=0)[0]:
+                return
+            ref, self._pending = self._pending, None
+            self._emit(ray.get(ref))
+        except ray.exceptions.RayActorError:
+            self._pending = None  # restarting or gone: the call itself says so
+        except Exception as exc:
+            self._stop(exc)
+
+    def follow(self, ref, tick: Callable[[], None] | None = None) -> None:
+        """Wait until the call `ref` is ready, forwarding its logs (and calling `tick`)
+        about every LOG_POLL_S."""
+        while not ray.wait([ref], timeout=LOG_POLL_S)[0]:
+            self.poll()
+            if tick is not None:
+                tick()
+
+    def finish(self) -> None:
+        """After the call ended: send the rest of its records."""
+        if self.call_id is None:
+            return
+        try:
+            if self._pending is not None:
+                ref, self._pending = self._pending, None
+                self._emit(ray.get(ref, timeout=LOG_FINAL_DRAIN_TIMEOUT_S))
+            self._emit(ray.get(self._drain_ref(), timeout=LOG_FINAL_DRAIN_TIMEOUT_S))
+        except ray.exceptions.RayActorError:
+            pass
+        except Exception as exc:
+            self._stop(exc)
+
+    def abandon(self) -> None:
+        """The call's actor became unavailable: forget the drain in flight."""
+        self._pending = None
+
+    def _emit(self, drained: Drained) -> None:
+        if self._sink is None:
+            self._sink = RunLogSink()
+        self._sink(drained)
+        if drained.metrics and self.on_metrics is not None:
+            self.on_metrics(drained.metrics)
+
+    def _stop(self, exc: Exception) -> None:
+        self.call_id = None
+        self._pending = None
+        get_run_logger().warning(
+            "%s: the actor's logs are no longer forwarded to this task run (%s: %s); "
+            "they still reach the terminal", self.what, type(exc).__name__, exc,
+        )
+
+
+def actor_call(cfg: RunConfig, what: str, submit, wait=None, logs: ActorLogs | None = None):
     """`ray.get` of an actor call that is submitted again while its actor is restarted.
 
     When an actor's node dies, Ray restarts the actor elsewhere (at most
@@ -72,17 +163,23 @@ def actor_call(cfg: RunConfig, what: str, submit, wait=None):
     Every stage writes deterministic shard names, so running the call again is safe: it is
     resubmitted, with backoff, for at most ACTOR_LOST_TIMEOUT_S. An actor that is gone for
     good (its restarts used up: ActorDiedError) fails the stage. `wait(ref)` may watch the
-    call (e.g. to update a progress artefact) until it is ready.
+    call (e.g. to update a progress artefact) until it is ready; without it, `logs`
+    follows the call. `logs` forwards the call's log records to the task run, the last
+    of them once the call has ended (failed or not).
     """
     deadline = time.monotonic() + ACTOR_LOST_TIMEOUT_S
     attempt = 0
+    if wait is None and logs is not None:
+        wait = logs.follow
     while True:
         ref = submit()
         try:
             if wait is not None:
                 wait(ref)
-            return ray.get(ref)
+            result = ray.get(ref)
         except ray.exceptions.ActorUnavailableError as exc:
+            if logs is not None:
+                logs.abandon()
             attempt += 1
             delay = min(2.0 ** (attempt - 1), 5.0)
             if time.monotonic() + delay > deadline:
@@ -92,12 +189,95 @@ def actor_call(cfg: RunConfig, what: str, submit, wait=None):
                 what, type(exc).__name__, delay, attempt + 1,
             )
             time.sleep(delay)
+            continue
+        except Exception:
+            if logs is not None:
+                logs.finish()
+            raise
+        if logs is not None:
+            logs.finish()
+        return result
 
 
 def _plasticity_run_name() -> str:
     p = current_task_run.parameters
     sources = ",".join(str(s.step) for s in p["sources"])
     return f"plasticity target step={p['target'].step} <- sources {sources}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class TrainProgress:
+    """The fine-tuning progress artefact: percent of the steps, with the step count and
+    an estimate of the time left in its description.
+
+    It moves with the train-metrics rows the actor reports through its forwarded logs
+    (`rows`), or, without them (compute.forward_logs off), with the train-metrics shards
+    written at each snapshot; at most once every PROGRESS_POLL_S (`tick`). A display that
+    cannot be updated never fails the stage."""
+
+    def __init__(self, storage: Storage, run_id: str, max_steps: int):
+        self.storage, self.run_id, self.max_steps = storage, run_id, max_steps
+        self.total = max(1, max_steps)
+        self.step = trained_steps(storage, run_id)
+        self.live = False  # rows have come from the actor
+        self._first: tuple[float, int] | None = None  # (time, step) first seen moving
+        self._step_time: float | None = None
+        self._shown = self.step
+        self._at = time.monotonic()
+        self.id = create_progress_artifact(
+            progress=100.0 * self.step / self.total,
+            key=artifact_key("finetune-progress", run_id), description=self.describe(),
+        )
+
+    def rows(self, rows: list[dict[str, Any]]) -> None:
+        self.live = True
+        self._step_time = rows[-1].get("step_time_s") or self._step_time
+        self._observe(max(int(r["step"]) for r in rows))
+
+    def _observe(self, step: int) -> None:
+        if self._first is None and (self.live or step > self.step):
+            self._first = (time.monotonic(), step)  # the rate counts from here, past start-up
+        self.step = max(self.step, step)
+
+    def left_s(self) -> float | None:
+        if self._first is None:
+            return None
+        t0, s0 = self._first
+        done = self.step - s0
+        per_step = (time.monotonic() - t0) / done if done > 0 else self._step_time
+        return None if per_step is None else per_step * max(0, self.max_steps - self.step)
+
+    def describe(self) -> str:
+        text = f"Fine-tuning of run {self.run_id}: step {self.step}/{self.max_steps}"
+        left = self.left_s() if self.step < self.max_steps else None
+        return text + (f", about {_duration(left)} left" if left is not None else "")
+
+    def tick(self) -> None:
+        if time.monotonic() - self._at < PROGRESS_POLL_S:
+            return
+        self._at = time.monotonic()
+        try:
+            if not self.live:
+                self._observe(trained_steps(self.storage, self.run_id))
+            if self.step != self._shown:
+                update_progress_artifact(self.id, 100.0 * self.step / self.total, self.describe())
+                self._shown = self.step
+        except Exception as exc:  # a progress display never fails the stage
+            get_run_logger().debug("progress not updated: %s", exc)
+
+    def done(self) -> None:
+        self.step = self.max_steps
+        update_progress_artifact(self.id, 100.0, self.describe())
 
 
 @task(name="finetune", **STAGE_TASK,
@@ -108,25 +288,14 @@ def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
     if unit and unit.get("status") == "done":
         return [CheckpointRef(**c) for c in unit["checkpoints"]]
     storage = manifest.storage
-    total = max(1, cfg.train.max_steps)
-    progress = create_progress_artifact(
-        progress=100.0 * trained_steps(storage, run_id) / total,
-        key=artifact_key("finetune-progress", run_id),
-        description=f"Fine-tuning of run {run_id}: percent of {cfg.train.max_steps} steps written",
-    )
+    progress = TrainProgress(storage, run_id, cfg.train.max_steps)
     spec = start_trainer(cfg, run_id)
-
-    def watch(pending) -> None:
-        # The actor trains remotely; its progress shows in the train-metrics shards it writes.
-        while not ray.wait([pending], timeout=PROGRESS_POLL_S)[0]:
-            try:
-                update_progress_artifact(progress, 100.0 * trained_steps(storage, run_id) / total)
-            except Exception as exc:  # a progress display never fails the stage
-                get_run_logger().debug("progress not updated: %s", exc)
-
+    logs = ActorLogs(cfg, spec, "finetune", on_metrics=progress.rows)
     try:
         refs, result = actor_call(
-            cfg, "finetune", lambda: actor(spec).finetune.remote(cfg, run_id), watch
+            cfg, "finetune",
+            lambda: actor(spec).finetune.remote(cfg, run_id, call_id=logs.call_id),
+            lambda ref: logs.follow(ref, progress.tick), logs,
         )
     finally:
         stop([spec])
@@ -136,7 +305,7 @@ def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
         **({NODE_KEY: node} if node else {}),
     )
     try:  # displays: one that cannot be drawn (storage briefly away) never fails the stage
-        update_progress_artifact(progress, 100.0)
+        progress.done()
         create_table_artifact(
             table=train_metrics_rows(storage, run_id),
             key=artifact_key("train-metrics", run_id),
@@ -148,11 +317,18 @@ def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
     return refs
 
 
-def _run_unit(cfg: RunConfig, run_id: str, stage: str, key: str, call) -> StageResult | None:
+def _run_unit(cfg: RunConfig, run_id: str, stage: str, key: str, worker: WorkerSpec,
+              *args) -> StageResult | None:
+    """Run `stage` (a StageWorker method) for one unit on `worker`, its logs forwarded."""
     manifest = _manifest(cfg, run_id)
     if manifest.is_done(stage, key):
         return None
-    result: StageResult = actor_call(cfg, f"{stage} {key}", call)
+    logs = ActorLogs(cfg, worker, f"{stage} {key}")
+    result: StageResult = actor_call(
+        cfg, f"{stage} {key}",
+        lambda: getattr(actor(worker), stage).remote(cfg, run_id, *args, call_id=logs.call_id),
+        logs=logs,
+    )
     node = result.summary.pop(NODE_KEY, None)
     info = {"summary": result.summary} if result.summary else {}
     if node:
@@ -178,38 +354,26 @@ def detection_task(cfg: RunConfig, run_id: str) -> int:
 
 @task(name="extract", **STAGE_TASK, task_run_name="extract checkpoint step={ckpt.step}")
 def extract_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
-    _run_unit(
-        cfg, run_id, "extract", f"step={ckpt.step}",
-        lambda: actor(worker).extract.remote(cfg, run_id, ckpt),
-    )
+    _run_unit(cfg, run_id, "extract", f"step={ckpt.step}", worker, ckpt)
 
 
 @task(name="plasticity", **STAGE_TASK, task_run_name=_plasticity_run_name)
 def plasticity_task(
     cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef], worker: WorkerSpec
 ) -> None:
-    _run_unit(
-        cfg, run_id, "plasticity", f"target={target.step}",
-        lambda: actor(worker).plasticity.remote(cfg, run_id, target, sources),
-    )
+    _run_unit(cfg, run_id, "plasticity", f"target={target.step}", worker, target, sources)
 
 
 @task(name="intervention", **STAGE_TASK, task_run_name="intervention branch from step={step}")
 def intervention_task(
     cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef], worker: WorkerSpec
 ) -> None:
-    _run_unit(
-        cfg, run_id, "intervention", f"step={step}",
-        lambda: actor(worker).intervention.remote(cfg, run_id, step, refs),
-    )
+    _run_unit(cfg, run_id, "intervention", f"step={step}", worker, step, refs)
 
 
 @task(name="vocab", **STAGE_TASK, task_run_name="vocab checkpoint step={ckpt.step}")
 def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
-    _run_unit(
-        cfg, run_id, "vocab", f"step={ckpt.step}",
-        lambda: actor(worker).vocab.remote(cfg, run_id, ckpt),
-    )
+    _run_unit(cfg, run_id, "vocab", f"step={ckpt.step}", worker, ckpt)
 
 
 @task(name="vocab-similarity", cache_policy=NONE, retries=RETRIES,
