@@ -91,3 +91,42 @@ def scheduled_timeline(
     config, rid = resolve(config_path, overrides, storage, run_id, when)
     get_run_logger().info("config %s with %d overrides: run %s", config_path, len(overrides or []), rid)
     return timeline(config=config, run_id=rid)
+
+
+@flow(name="plasticity-scheduled-study", log_prints=False)
+def scheduled_study(
+    config_path: str = "configs/study-smoke.yaml",
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    study_id: str | None = None,
+    aws_credentials_block: str | None = None,
+) -> dict:
+    """Resolve a study file (`overrides`: `key=value` for every run, as `plasticity study
+    run --set` takes them), check every run, then run the study flow. A study id is
+    stable (the study's name by default), so a scheduled rerun resumes the study: its
+    finished runs are skipped."""
+    import os
+
+    import yaml
+
+    from flows.study import study_flow
+    from plasticity.storage.fs import Storage
+    from plasticity.study.spec import check_existing_runs, load_study, preflight_study
+
+    if aws_credentials_block:
+        os.environ.update(credentials_from_block(aws_credentials_block))
+    sets = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError([f"overrides: {item!r}: expected key=value"])
+        key, raw = item.split("=", 1)
+        sets[key.strip()] = yaml.safe_load(raw)
+    if storage:
+        sets["storage.uri"] = storage
+    study = load_study(config_path, sets, study_id)
+    errors = preflight_study(study)
+    errors += check_existing_runs(study, Storage.from_config(study.storage))
+    if errors:
+        raise ConfigError(errors)
+    get_run_logger().info("study %s from %s: %d runs", study.study_id, config_path, len(study.runs))
+    return study_flow(spec=study.spec, study_id=study.study_id)

@@ -1,3 +1,4 @@
+import pytest
 """The container files parse and agree with the project."""
 
 from pathlib import Path
@@ -67,9 +68,14 @@ def test_prefect_yaml_deployments_point_at_real_flows_configs_and_pools():
     pools = set()
     for dep in deployments.values():
         flow_name, params = _flow_params(dep["entrypoint"])
-        assert flow_name == "plasticity-scheduled"
+        assert flow_name in ("plasticity-scheduled", "plasticity-scheduled-study")
         assert set(dep["parameters"]) <= set(params), dep["name"]
         assert (ROOT / dep["parameters"]["config_path"]).is_file(), dep["name"]
+        if flow_name == "plasticity-scheduled-study":
+            from plasticity.study.spec import load_study, preflight_study
+
+            study = load_study(ROOT / dep["parameters"]["config_path"])
+            assert study.runs and not preflight_study(study), dep["name"]
         for sched in dep.get("schedules", []):
             fields = sched["cron"].split()
             assert len(fields) == 5 and sched["timezone"] == "UTC"
@@ -166,3 +172,17 @@ def test_environment_variables_in_the_manifests_are_ones_the_code_reads():
     bucket = re.search(r"mc mb --ignore-existing lab/(\S+)", compose["services"]["minio-bucket"]["command"][0]).group(1)
     deployments = {d["name"]: d for d in _prefect_yaml()["deployments"]}
     assert deployments["gpt2-medium-kubernetes"]["parameters"]["storage"].startswith(f"s3://{bucket}/")
+
+
+def test_scheduled_study_refuses_bad_input_before_any_work(tmp_path):
+    from flows.scheduled import scheduled_study
+    from plasticity.config import ConfigError
+
+    storage = f"file://{tmp_path}/store"
+    with pytest.raises(ConfigError, match="overrides: 'train.lr': expected key=value"):
+        scheduled_study.fn(config_path=str(ROOT / "configs/study-smoke.yaml"),
+                           overrides=["train.lr"], storage=storage)
+    with pytest.raises(ConfigError, match="trian"):
+        scheduled_study.fn(config_path=str(ROOT / "configs/study-smoke.yaml"),
+                           overrides=["trian.lr=0.1"], storage=storage)
+    assert not (tmp_path / "store").exists()
