@@ -1,8 +1,8 @@
-import pytest
 """The container files parse and agree with the project."""
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
