@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and print its ratios."""
 
-from bench import hooks, optim, optim_host, sweep, vocab_circuits
+from bench import hooks, optim, optim_host, study, sweep, vocab_circuits
 
 if __name__ == "__main__":
     hooks.main()
@@ -10,4 +10,6 @@ if __name__ == "__main__":
     # takes about a quarter of an hour and runs on its own).
     optim.main([])
     optim_host.main([])
+    # A study's runs at once against one after another (two smoke runs, about 4 minutes).
+    study.main([])
     # (bench.optim_ab compares builds of the C++ kernel; it takes their sources as arguments.)
