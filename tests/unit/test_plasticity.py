@@ -19,7 +19,7 @@ from plasticity.analysis.stats import (
 )
 from plasticity.steering.forward import encode_left_padded, forward
 from plasticity.steering.hooks import RowSteering, steer
-from plasticity.steering.sweep import UNSTEERED, Variant, sweep_scores
+from plasticity.steering.sweep import UNSTEERED, Variant, sweep_rows, sweep_scores
 
 PROMPTS = ["The capital of France is", "Water boils at", "The sun rises in the", "Two plus two is"]
 
@@ -87,7 +87,12 @@ def test_sweep_scores_equal_one_steered_evaluation_per_variant(tiny_gpt2):
     dirs = _directions(lm, [2], 2, seed=3)
     variants = [UNSTEERED, Variant(0, 4.0), Variant(1, -4.0)]
     with RowSteering(lm, dirs, {2: 1.0}, "add") as st:
-        got = sweep_scores(lm, metrics, variants, st, facts, questions, pubmed, batch_size=5)
+        passes: list[int] = []
+        got = sweep_scores(lm, metrics, variants, st, facts, questions, pubmed, batch_size=5,
+                           on_rows=passes.append)
+    # Each forward pass is reported with its rows; they add up to what sweep_rows counts.
+    assert passes and max(passes) <= 5
+    assert sum(passes) == len(variants) * sweep_rows(metrics, facts, questions, pubmed)
     for k, v in enumerate(variants):
         if v.direction < 0:
             ref = score_metrics(lm, metrics, facts, questions, 4, pubmed)

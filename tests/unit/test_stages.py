@@ -27,12 +27,30 @@ def run(tmp_path_factory):
          "plasticity.metrics=[facts_logit_gap, facts_accuracy, truthfulqa_mc2, pubmedqa_accuracy]"],
     )
     observed: list[dict] = []
+    passes: dict[str, list[tuple[int, int]]] = {"extract": [], "plasticity": []}
     refs, ft = stages.finetune_stage(cfg, "t1", observe=observed.append)
-    ex = [stages.extract_stage(cfg, "t1", r) for r in refs]
-    pl = [stages.plasticity_stage(cfg, "t1", r, refs) for r in refs]
+    ex = [stages.extract_stage(cfg, "t1", r, observe=lambda d, t: passes["extract"].append((d, t)))
+          for r in refs]
+    pl = [stages.plasticity_stage(cfg, "t1", r, refs,
+                                  observe=lambda d, t: passes["plasticity"].append((d, t)))
+          for r in refs]
     vo = [stages.vocab_stage(cfg, "t1", r) for r in refs]
     return cfg, refs, {"finetune": ft, "extract": ex, "plasticity": pl, "vocab": vo,
-                       "observed": observed}
+                       "observed": observed, "passes": passes}
+
+
+@pytest.mark.parametrize("stage", ["extract", "plasticity"])
+def test_extract_and_plasticity_report_their_forward_passes_up_to_the_total(run, stage):
+    _, refs, results = run
+    seen = results["passes"][stage]
+    # One run per checkpoint: each counts up from its first pass to exactly its total.
+    starts = [i for i, (done, _) in enumerate(seen) if i == 0 or done < seen[i - 1][0]]
+    assert len(starts) == len(refs)
+    for a, b in zip(starts, starts[1:] + [len(seen)], strict=True):
+        mine = seen[a:b]
+        assert len(mine) > 1 and len({t for _, t in mine}) == 1
+        assert all(x < y for (x, _), (y, _) in zip(mine, mine[1:], strict=False))
+        assert mine[-1][0] == mine[-1][1]
 
 
 def test_finetune_writes_checkpoints_and_metrics(run):

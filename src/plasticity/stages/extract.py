@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -20,9 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def extract_stage(
-    cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None
+    cfg: RunConfig, run_id: str, ckpt: CheckpointRef, lm: LoadedModel | None = None,
+    observe: Callable[[int, int], None] | None = None,
 ) -> StageResult:
-    """Honesty contrast activations -> one direction per reader and layer."""
+    """Honesty contrast activations -> one direction per reader and layer.
+
+    `observe(done, total)`, if given, is called after every forward pass with the prompts
+    read so far and in all."""
     from safetensors.torch import save as save_safetensors
 
     from plasticity.data.concepts import load_statements, resolve_dataset
@@ -50,7 +55,15 @@ def extract_stage(
         )
     prompts = [p for pair in pairs for p in pair.prompts]
     labels = torch.tensor([lab for pair in pairs for lab in pair.labels])
-    acts, token_index = collect_last_token(lm, prompts, layers, c.batch_size)
+    on_rows = None
+    if observe is not None:
+        done = [0]
+
+        def on_rows(n: int) -> None:
+            done[0] += n
+            observe(done[0], len(prompts))
+
+    acts, token_index = collect_last_token(lm, prompts, layers, c.batch_size, on_rows)
     n_pairs = len(pairs)
     pair_ids = torch.arange(n_pairs).repeat_interleave(2)
     split = ["train" if p < c.n_train else "test" for p in pair_ids.tolist()]

@@ -5,6 +5,7 @@ each layer set and operator; per-item slopes against alpha_rel with bootstrap CI
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -67,16 +68,20 @@ def plasticity_stage(
     target: CheckpointRef,
     sources: list[CheckpointRef],
     lm: LoadedModel | None = None,
+    observe: Callable[[int, int], None] | None = None,
 ) -> StageResult:
     """Steer target model j with every source i's direction (and the null directions)
     over the alpha sweep, for each layer set and operator, in batched forward passes
-    where every row carries its own direction and alpha."""
+    where every row carries its own direction and alpha.
+
+    `observe(done, total)`, if given, is called after every forward pass with the rows
+    (item x variant) done so far of all the stage's sweeps."""
     import numpy as np
 
     from plasticity.analysis.stats import bootstrap_mean_ci, item_slopes
     from plasticity.steering.hooks import RowSteering
     from plasticity.steering.items import eval_sets
-    from plasticity.steering.sweep import UNSTEERED, Variant, sweep_scores
+    from plasticity.steering.sweep import UNSTEERED, Variant, sweep_rows, sweep_scores
 
     storage = Storage.from_config(cfg.storage)
     lm = lm or load_checkpoint(storage, target.path, cfg.model)
@@ -95,16 +100,33 @@ def plasticity_stage(
         norms[layer] = float(target_vecs.tensors[key])
     files = _check_sources(storage, run_id, cfg, lm, sources, all_layers)
     items = eval_sets(cfg, lm)
-    baseline = {
-        m: v[0] for m, v in sweep_scores(lm, p.metrics, [UNSTEERED], None, batch_size=p.batch_size, **items).items()
-    }
     # Directions stacked per layer: every source's, then the nulls.
     labels = [(src.step, p.method, None) for src in sources] + [
         (NULL_SOURCE_STEP, "random", k) for k in range(p.null_seeds)
     ]
+    alphas = list(p.alphas)
+
+    def sweep_variants(operator: str) -> list:
+        # add and piecewise are the identity at alpha = 0: those rows are the baseline.
+        skip_zero = operator in ("add", "piecewise")
+        return [Variant(d, a) for d in range(len(labels)) for a in alphas if not (skip_zero and a == 0)]
+
+    on_rows = None
+    if observe is not None:
+        total = sweep_rows(p.metrics, **items) * (
+            1 + len(sets) * sum(len(sweep_variants(op)) for op in p.operators))
+        done = [0]
+
+        def on_rows(n: int) -> None:
+            done[0] += n
+            observe(done[0], total)
+
+    baseline = {
+        m: v[0] for m, v in sweep_scores(lm, p.metrics, [UNSTEERED], None, batch_size=p.batch_size,
+                                         on_rows=on_rows, **items).items()
+    }
     plas: dict[int, Rows] = {}
     per_item: dict[int, Rows] = {}
-    alphas = list(p.alphas)
     for layers in sets:
         stacks = {
             layer: torch.stack(
@@ -119,13 +141,10 @@ def plasticity_stage(
         alpha_abs = [a * mean_norm if p.alpha_scale == "relative" else a for a in alphas]
         layers_label = ",".join(str(x) for x in layers)
         for operator in p.operators:
-            # add and piecewise are the identity at alpha = 0: those rows are the baseline.
-            skip_zero = operator in ("add", "piecewise")
-            variants = [
-                Variant(d, a) for d in range(len(labels)) for a in alphas if not (skip_zero and a == 0)
-            ]
+            variants = sweep_variants(operator)
             with RowSteering(lm, stacks, scale, operator) as steering:
-                scores = sweep_scores(lm, p.metrics, variants, steering, batch_size=p.batch_size, **items)
+                scores = sweep_scores(lm, p.metrics, variants, steering, batch_size=p.batch_size,
+                                      on_rows=on_rows, **items)
             where = {(v.direction, v.coef): k for k, v in enumerate(variants)}
             for d, (source_step, direction, null_seed) in enumerate(labels):
                 rows = plas.setdefault(source_step, Rows("plasticity"))

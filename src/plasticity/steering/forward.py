@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -57,9 +57,11 @@ def forward(lm: LoadedModel, batch: dict[str, torch.Tensor], logits_to_keep: int
 
 @torch.no_grad()
 def collect_last_token(
-    lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int
+    lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int,
+    on_rows: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Hidden state of the last token of each prompt at each layer's block output."""
+    """Hidden state of the last token of each prompt at each layer's block output.
+    `on_rows(n)`, if given, is called as each forward pass is done with its n prompts."""
     from plasticity.steering.hooks import capture, hook_name
 
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -71,4 +73,6 @@ def collect_last_token(
             token_index.append(enc["attention_mask"].sum(-1).cpu() - 1)
             for layer in layers:
                 out[layer].append(store[hook_name(layer)][:, -1].float().cpu())
+            if on_rows is not None:
+                on_rows(len(chunk))
     return {k: torch.cat(v) for k, v in out.items()}, torch.cat(token_index)

@@ -9,6 +9,7 @@ sweep costs about one pass over (items x variants) rows instead of one pass per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,14 @@ def sweep_scores(
     questions=(),
     pubmedqa=(),
     batch_size: int = 16,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-item metric values of every variant, as (variants, items) tensors.
 
     `steering` must be open (entered) when any variant is steered; `batch_size` counts
-    rows (item x variant) per forward pass.
+    rows (item x variant) per forward pass. `on_rows(n)`, if given, is called as each
+    forward pass is done with its n rows; they add up to `len(variants) *
+    sweep_rows(metrics, ...)`.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -65,7 +69,13 @@ def sweep_scores(
     index = torch.tensor([v.direction for v in variants], dtype=torch.long)
     coef = torch.tensor([v.coef for v in variants], dtype=torch.float64)
 
+    pending = [0]  # rows of the forward pass in flight
+
     def on_batch(start: int, stop: int) -> None:
+        if on_rows is not None:
+            if pending[0]:
+                on_rows(pending[0])
+            pending[0] = stop - start
         if steering is not None:
             rows = torch.arange(start, stop) % n_var
             steering.set_rows(index[rows], coef[rows])
@@ -93,4 +103,18 @@ def sweep_scores(
         odds = answer_log_odds(lm, repeat(pubmedqa_prompts(pubmedqa)), (" yes", " no"), batch_size, on_batch)
         odds = odds.view(len(pubmedqa), n_var).T
         out["pubmedqa_accuracy"] = torch.stack([pubmedqa_correct(row, pubmedqa) for row in odds])
+    if on_rows is not None and pending[0]:
+        on_rows(pending[0])
     return {m: out[m] for m in metrics}
+
+
+def sweep_rows(metrics: list[str], facts=(), questions=(), pubmedqa=()) -> int:
+    """The rows (forward-pass inputs) `sweep_scores` runs per variant for these items."""
+    rows = 0
+    if {"facts_logit_gap", "facts_accuracy", "facts_true_bias"} & set(metrics):
+        rows += len(list(facts))
+    if {"truthfulqa_mc1", "truthfulqa_mc2"} & set(metrics):
+        rows += len(truthfulqa_pairs(list(questions))[0])
+    if "pubmedqa_accuracy" in metrics:
+        rows += len(list(pubmedqa))
+    return rows
