@@ -16,12 +16,15 @@ from plasticity.storage.manifest import Manifest, RunLock
 from tasks.actors import ensure_ray, start_workers, stop
 from tasks.runtime import result_storage_block
 from tasks.stages import (
+    close_stage_progress,
     detection_task,
     extract_task,
     finetune_task,
     intervention_task,
+    open_stage_progress,
     plasticity_task,
     report_task,
+    unit_key,
     vocab_similarity_task,
     vocab_task,
 )
@@ -44,6 +47,12 @@ def _stage(label: str, call, lock: RunLock | None = None):
         raise
     except Exception as exc:
         raise StageFailed(f"stage {label} failed: {describe_cause(exc)}") from exc
+
+
+def _unit_done(progress, stage: str, step: int) -> None:
+    """The flow has the unit's result: counted done (a cached task run never reports)."""
+    progress.finish_unit(unit_key(stage, step))
+    progress.tick()
 
 
 def describe_cause(exc: BaseException) -> str:
@@ -87,12 +96,18 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
         logger.info("checkpoints: %s", [r.step for r in refs])
         workers = start_workers(cfg, run_id)
         pick = {r.step: workers[i % len(workers)] for i, r in enumerate(refs)}
+        steps = [r.step for r in refs]
+        progress = open_stage_progress(run_id, "extract", steps)
         extracts = [extract.submit(cfg, run_id, r, pick[r.step]) for r in refs]
         for r, f in zip(refs, extracts, strict=True):
             _stage(f"extract (checkpoint step={r.step})", f.result, lock)
+            _unit_done(progress, "extract", r.step)
+        progress.finish()
         _stage("detection table", lambda: detection_task(cfg, run_id), lock)
         # Target j goes to the worker that already holds model j from extraction.
         modes = cfg.plasticity.modes
+        grid_progress = open_stage_progress(run_id, "plasticity", steps) if "matrix" in modes else None
+        vocab_progress = open_stage_progress(run_id, "vocab", steps)
         grid = [plasticity.submit(cfg, run_id, r, refs, pick[r.step]) for r in refs] if "matrix" in modes else []
         vocab = [
             vocab_t.submit(cfg, run_id, r, pick[r.step], wait_for=grid[i : i + 1])
@@ -100,15 +115,24 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
         ]
         for r, f in zip(refs, grid, strict=True):
             _stage(f"plasticity (target step={r.step})", f.result, lock)
+            _unit_done(grid_progress, "plasticity", r.step)
+        if grid_progress is not None:
+            grid_progress.finish()
         if "training" in modes:
+            branch_steps = intervention_steps(cfg)
+            branch_progress = open_stage_progress(run_id, "intervention", branch_steps)
             branches = [
                 intervention.submit(cfg, run_id, t, refs, workers[i % len(workers)], wait_for=vocab)
-                for i, t in enumerate(intervention_steps(cfg))
+                for i, t in enumerate(branch_steps)
             ]
-            for t, f in zip(intervention_steps(cfg), branches, strict=True):
+            for t, f in zip(branch_steps, branches, strict=True):
                 _stage(f"intervention (branch from step={t})", f.result, lock)
+                _unit_done(branch_progress, "intervention", t)
+            branch_progress.finish()
         for r, f in zip(refs, vocab, strict=True):
             _stage(f"vocab (checkpoint step={r.step})", f.result, lock)
+            _unit_done(vocab_progress, "vocab", r.step)
+        vocab_progress.finish()
         _stage("vocab similarity", lambda: vocab_similarity_task(cfg, run_id), lock)
         report = _stage("report", lambda: report_task(cfg, run_id), lock)
         manifest.set_status("done")
@@ -116,6 +140,7 @@ def timeline(config: dict[str, Any], run_id: str) -> dict:
         manifest.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        close_stage_progress(run_id)
         stop(workers)
         if started_ray:
             import ray

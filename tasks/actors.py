@@ -22,7 +22,8 @@ class StageWorker:
     actor asked to evaluate every source against target j loads model j once.
 
     Each stage method takes the `call_id` the task gave it: while the call runs, the
-    process's log records (and fine-tuning's train-metrics rows) are kept under that id
+    process's log records (and progress rows: fine-tuning's train metrics, the forward
+    passes of extraction and of the plasticity grid) are kept under that id
     for `drain_logs`, which runs in its own concurrency group so that the task can read
     them while the stage is busy. Stage methods share the default group (one at a time).
     A call without an id keeps nothing.
@@ -50,6 +51,13 @@ class StageWorker:
                     record_failure(self._logs, what, exc)
                 raise
 
+    def _batches(self, call_id: str | None):
+        """`observe(done, total)` for a stage's forward passes: a progress row
+        `{"done", "total"}` per pass, drained with the call's logs; none without a call id."""
+        if call_id is None:
+            return None
+        return lambda done, total: self._logs.add_metric({"done": done, "total": total})
+
     def _model(self, cfg: RunConfig, ckpt: CheckpointRef):
         from plasticity.stages.common import device
         from plasticity.storage.fs import Storage
@@ -76,14 +84,15 @@ class StageWorker:
         from plasticity.stages.extract import extract_stage
 
         return self._call(call_id, f"extract step={ckpt.step}", lambda: self._where(
-            extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt))))
+            extract_stage(cfg, run_id, ckpt, self._model(cfg, ckpt), self._batches(call_id))))
 
     def plasticity(self, cfg: RunConfig, run_id: str, target: CheckpointRef,
                    sources: list[CheckpointRef], call_id: str | None = None):
         from plasticity.stages.plasticity import plasticity_stage
 
         return self._call(call_id, f"plasticity target={target.step}", lambda: self._where(
-            plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target))))
+            plasticity_stage(cfg, run_id, target, sources, self._model(cfg, target),
+                             self._batches(call_id))))
 
     def vocab(self, cfg: RunConfig, run_id: str, ckpt: CheckpointRef, call_id: str | None = None):
         from plasticity.stages.vocab import vocab_stage

@@ -16,12 +16,7 @@ from typing import Any
 
 import ray
 from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run as current_task_run
 
@@ -33,6 +28,7 @@ from plasticity.storage.manifest import Manifest
 from plasticity.train.checkpoint import CheckpointRef
 from tasks.actors import NODE_KEY, WorkerSpec, actor, start_trainer, stop
 from tasks.logs import Drained, RunLogSink
+from tasks.progress import PrefectProgressSink, Progress, ProgressSink, UnitProgress
 from tasks.runtime import (
     RETRIES,
     RETRY_BACKOFF_S,
@@ -56,8 +52,6 @@ STAGE_TASK = dict(
     retry_jitter_factor=RETRY_JITTER,
     retry_condition_fn=retry_on_storage_faults,
 )
-# How often the fine-tuning task refreshes its progress artefact while the actor trains.
-PROGRESS_POLL_S = 2.0
 # How often a task asks its actor for the log records of the call it is running.
 LOG_POLL_S = 1.0
 # How long the last drain after a call may take before forwarding gives up on it.
@@ -205,79 +199,97 @@ def _plasticity_run_name() -> str:
     return f"plasticity target step={p['target'].step} <- sources {sources}"
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
 class TrainProgress:
     """The fine-tuning progress artefact: percent of the steps, with the step count and
     an estimate of the time left in its description.
 
     It moves with the train-metrics rows the actor reports through its forwarded logs
     (`rows`), or, without them (compute.forward_logs off), with the train-metrics shards
-    written at each snapshot; at most once every PROGRESS_POLL_S (`tick`). A display that
-    cannot be updated never fails the stage."""
+    written at each snapshot; at most once every PROGRESS_POLL_S (`tick`, see
+    tasks.progress). A display that cannot be updated never fails the stage."""
 
-    def __init__(self, storage: Storage, run_id: str, max_steps: int):
+    def __init__(self, storage: Storage, run_id: str, max_steps: int,
+                 sink: ProgressSink | None = None, clock: Callable[[], float] = time.monotonic):
         self.storage, self.run_id, self.max_steps = storage, run_id, max_steps
-        self.total = max(1, max_steps)
-        self.step = trained_steps(storage, run_id)
         self.live = False  # rows have come from the actor
-        self._first: tuple[float, int] | None = None  # (time, step) first seen moving
-        self._step_time: float | None = None
-        self._shown = self.step
-        self._at = time.monotonic()
-        self.id = create_progress_artifact(
-            progress=100.0 * self.step / self.total,
-            key=artifact_key("finetune-progress", run_id), description=self.describe(),
+        self.progress = Progress(
+            sink or PrefectProgressSink(artifact_key("finetune-progress", run_id)),
+            f"Fine-tuning of run {run_id}", max_steps, done=trained_steps(storage, run_id),
+            count=lambda done, total: f"step {int(done)}/{total}", clock=clock,
         )
+
+    @property
+    def step(self) -> int:
+        return int(self.progress.done)
 
     def rows(self, rows: list[dict[str, Any]]) -> None:
         self.live = True
-        self._step_time = rows[-1].get("step_time_s") or self._step_time
-        self._observe(max(int(r["step"]) for r in rows))
-
-    def _observe(self, step: int) -> None:
-        if self._first is None and (self.live or step > self.step):
-            self._first = (time.monotonic(), step)  # the rate counts from here, past start-up
-        self.step = max(self.step, step)
-
-    def left_s(self) -> float | None:
-        if self._first is None:
-            return None
-        t0, s0 = self._first
-        done = self.step - s0
-        per_step = (time.monotonic() - t0) / done if done > 0 else self._step_time
-        return None if per_step is None else per_step * max(0, self.max_steps - self.step)
+        self.progress.advance(max(int(r["step"]) for r in rows), rows[-1].get("step_time_s"))
 
     def describe(self) -> str:
-        text = f"Fine-tuning of run {self.run_id}: step {self.step}/{self.max_steps}"
-        left = self.left_s() if self.step < self.max_steps else None
-        return text + (f", about {_duration(left)} left" if left is not None else "")
+        return self.progress.describe()
 
     def tick(self) -> None:
-        if time.monotonic() - self._at < PROGRESS_POLL_S:
-            return
-        self._at = time.monotonic()
-        try:
-            if not self.live:
-                self._observe(trained_steps(self.storage, self.run_id))
-            if self.step != self._shown:
-                update_progress_artifact(self.id, 100.0 * self.step / self.total, self.describe())
-                self._shown = self.step
-        except Exception as exc:  # a progress display never fails the stage
-            get_run_logger().debug("progress not updated: %s", exc)
+        if not self.live:
+            try:
+                step = trained_steps(self.storage, self.run_id)
+            except Exception as exc:  # a progress display never fails the stage
+                get_run_logger().debug("progress not updated: %s", exc)
+                return
+            if step > self.step:
+                self.progress.advance(step)
+        self.progress.tick()
 
     def done(self) -> None:
-        self.step = self.max_steps
-        update_progress_artifact(self.id, 100.0, self.describe())
+        self.progress.finish()
+
+
+# The stages whose units the flow counts in a progress artefact of their own: the
+# artefact's title, the name of its units, and a unit's key (as in the manifest).
+STAGE_PROGRESS = {
+    "extract": ("Extraction", "checkpoints", "step={}"),
+    "plasticity": ("Plasticity grid", "target checkpoints", "target={}"),
+    "vocab": ("Vocabulary read-outs", "checkpoints", "step={}"),
+    "intervention": ("Intervention branches", "branches", "step={}"),
+}
+# The open ones, by (run id, stage): the flow opens one before it submits the stage's
+# tasks; the tasks (threads of the flow's process) report their units to it. A task
+# that runs elsewhere finds none and the flow alone counts its unit when it is done.
+_OPEN_PROGRESS: dict[tuple[str, str], UnitProgress] = {}
+
+
+def unit_key(stage: str, step: int) -> str:
+    return STAGE_PROGRESS[stage][2].format(step)
+
+
+def open_stage_progress(run_id: str, stage: str, steps: list[int],
+                        sink: ProgressSink | None = None,
+                        clock: Callable[[], float] = time.monotonic) -> UnitProgress:
+    """The progress artefact `<stage>-progress-<run id>` of the units `steps` of `stage`."""
+    title, unit, _ = STAGE_PROGRESS[stage]
+    progress = UnitProgress(
+        sink or PrefectProgressSink(artifact_key(f"{stage}-progress", run_id)),
+        f"{title} of run {run_id}", [unit_key(stage, s) for s in steps], unit, clock=clock,
+    )
+    _OPEN_PROGRESS[(run_id, stage)] = progress
+    return progress
+
+
+def close_stage_progress(run_id: str) -> None:
+    """Forget the run's open progress artefacts (they stay as last sent)."""
+    for k in [k for k in _OPEN_PROGRESS if k[0] == run_id]:
+        del _OPEN_PROGRESS[k]
+
+
+def batch_fractions(progress: UnitProgress, key: str) -> Callable[[list[dict[str, Any]]], None]:
+    """`on_metrics` for a unit whose actor reports `{"done", "total"}` rows per forward
+    pass: the unit's fraction done."""
+    def on_rows(rows: list[dict[str, Any]]) -> None:
+        last = rows[-1]
+        if last.get("total"):
+            progress.part(key, last["done"] / last["total"])
+
+    return on_rows
 
 
 @task(name="finetune", **STAGE_TASK,
@@ -319,21 +331,33 @@ def finetune_task(cfg: RunConfig, run_id: str) -> list[CheckpointRef]:
 
 def _run_unit(cfg: RunConfig, run_id: str, stage: str, key: str, worker: WorkerSpec,
               *args) -> StageResult | None:
-    """Run `stage` (a StageWorker method) for one unit on `worker`, its logs forwarded."""
+    """Run `stage` (a StageWorker method) for one unit on `worker`, its logs forwarded,
+    its progress (its forward passes, where the stage reports them) counted in the
+    stage's progress artefact if the flow opened one."""
     manifest = _manifest(cfg, run_id)
+    progress = _OPEN_PROGRESS.get((run_id, stage))
     if manifest.is_done(stage, key):
+        if progress is not None:
+            progress.finish_unit(key)
+            progress.tick()
         return None
-    logs = ActorLogs(cfg, worker, f"{stage} {key}")
+    if progress is not None:
+        progress.start(key)
+    logs = ActorLogs(cfg, worker, f"{stage} {key}",
+                     on_metrics=batch_fractions(progress, key) if progress is not None else None)
     result: StageResult = actor_call(
         cfg, f"{stage} {key}",
         lambda: getattr(actor(worker), stage).remote(cfg, run_id, *args, call_id=logs.call_id),
-        logs=logs,
+        lambda ref: logs.follow(ref, progress.tick if progress is not None else None), logs,
     )
     node = result.summary.pop(NODE_KEY, None)
     info = {"summary": result.summary} if result.summary else {}
     if node:
         info[NODE_KEY] = node
     manifest.commit(stage, key, result.shards, **info)
+    if progress is not None:
+        progress.finish_unit(key)
+        progress.tick()
     return result
 
 
@@ -354,26 +378,27 @@ def detection_task(cfg: RunConfig, run_id: str) -> int:
 
 @task(name="extract", **STAGE_TASK, task_run_name="extract checkpoint step={ckpt.step}")
 def extract_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
-    _run_unit(cfg, run_id, "extract", f"step={ckpt.step}", worker, ckpt)
+    _run_unit(cfg, run_id, "extract", unit_key("extract", ckpt.step), worker, ckpt)
 
 
 @task(name="plasticity", **STAGE_TASK, task_run_name=_plasticity_run_name)
 def plasticity_task(
     cfg: RunConfig, run_id: str, target: CheckpointRef, sources: list[CheckpointRef], worker: WorkerSpec
 ) -> None:
-    _run_unit(cfg, run_id, "plasticity", f"target={target.step}", worker, target, sources)
+    _run_unit(cfg, run_id, "plasticity", unit_key("plasticity", target.step), worker, target,
+              sources)
 
 
 @task(name="intervention", **STAGE_TASK, task_run_name="intervention branch from step={step}")
 def intervention_task(
     cfg: RunConfig, run_id: str, step: int, refs: list[CheckpointRef], worker: WorkerSpec
 ) -> None:
-    _run_unit(cfg, run_id, "intervention", f"step={step}", worker, step, refs)
+    _run_unit(cfg, run_id, "intervention", unit_key("intervention", step), worker, step, refs)
 
 
 @task(name="vocab", **STAGE_TASK, task_run_name="vocab checkpoint step={ckpt.step}")
 def vocab_task(cfg: RunConfig, run_id: str, ckpt: CheckpointRef, worker: WorkerSpec) -> None:
-    _run_unit(cfg, run_id, "vocab", f"step={ckpt.step}", worker, ckpt)
+    _run_unit(cfg, run_id, "vocab", unit_key("vocab", ckpt.step), worker, ckpt)
 
 
 @task(name="vocab-similarity", cache_policy=NONE, retries=RETRIES,

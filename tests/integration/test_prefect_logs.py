@@ -87,18 +87,30 @@ def test_actor_logs_reach_the_task_runs(prefect_server, tmp_path):
     vocab = [lg for lg in logs if lg.name == "plasticity.stages.vocab"]
     assert vocab and all(_task_of(tasks, lg).startswith("vocab checkpoint step=") for lg in vocab)
 
-    # The progress artefact counts steps.
+    # The progress artefacts: fine-tuning counts steps, the other long stages their units;
+    # each ends at its full count.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    n = len(FAST_STEPS)
+    expected = {
+        "finetune": f"Fine-tuning of run {run_id}: step {STEPS}/{STEPS}",
+        "extract": f"Extraction of run {run_id}: {n}/{n} checkpoints",
+        "plasticity": f"Plasticity grid of run {run_id}: {n}/{n} target checkpoints",
+        "vocab": f"Vocabulary read-outs of run {run_id}: {n}/{n} checkpoints",
+    }
     with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), get_client(
         sync_client=True
     ) as client:
-        (progress,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[f"finetune-progress-{run_id}"])))
-    assert float(progress.data) == pytest.approx(100.0)
-    assert progress.description == f"Fine-tuning of run {run_id}: step {STEPS}/{STEPS}"
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{stage}-progress-{run_id}" for stage in expected])))}
+    for stage, description in expected.items():
+        progress = found[f"{stage}-progress-{run_id}"]
+        assert progress.type == "progress"
+        assert float(progress.data) == pytest.approx(100.0)
+        assert progress.description == description
+        assert progress.updated > progress.created  # moved after it was made
 
 
 def test_a_failed_stage_leaves_its_cause_and_traceback_in_its_task_run(prefect_server, tmp_path):
