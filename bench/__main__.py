@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and print its ratios."""
 
-from bench import hooks, optim, optim_host, study, sweep, vocab_circuits
+from bench import hooks, log_forwarding, optim, optim_host, study, sweep, vocab_circuits
 
 if __name__ == "__main__":
     hooks.main()
@@ -12,4 +12,6 @@ if __name__ == "__main__":
     optim_host.main([])
     # A study's runs at once against one after another (two smoke runs, about 4 minutes).
     study.main([])
+    # The smoke timeline with compute.forward_logs on against off (2 runs each, about 4 minutes).
+    log_forwarding.main([])
     # (bench.optim_ab compares builds of the C++ kernel; it takes their sources as arguments.)
