@@ -261,3 +261,16 @@ def test_study_report_lines_up_fractions_and_finds_a_shared_drop(tmp_path):
     assert "| `s-b-s9` | b | 9 | failed: RuntimeError: boom |" in rep.markdown
     assert set(rep.figures) == {"self_plasticity", "plasticity_matrix"}
     assert storage.exists(storage.path("studies", "s", "report", "summary.md"))
+
+
+def test_a_drop_is_called_held_only_with_its_ci_every_run_and_the_paired_test():
+    from types import SimpleNamespace
+
+    from plasticity.study.report import _held
+
+    c = SimpleNamespace(ci_low=-4.1, ci_high=-2.4, n_agree=3, n_runs=3)
+    assert _held(c, 0.01) == "held"
+    assert _held(c, 0.216) == "ci only"  # the quick study's Gemma arm: 3 runs, p_holm 0.216
+    assert _held(c, float("nan")) == "ci only"
+    assert _held(SimpleNamespace(ci_low=-1.0, ci_high=0.5, n_agree=3, n_runs=3), 0.001) == "no"
+    assert _held(SimpleNamespace(ci_low=1.0, ci_high=2.0, n_agree=2, n_runs=3), 0.001) == "no"

@@ -280,6 +280,14 @@ def _f(x) -> str:
     return "nan" if x is None or x != x else f"{x:+.3g}"
 
 
+def _held(c, p_adj: float) -> str:
+    """'held': the hierarchical CI excludes 0, every run agrees in sign and the paired t
+    test over runs rejects (Holm, 0.05); 'ci only': the first two without the test; 'no'."""
+    if not ((c.ci_low > 0 or c.ci_high < 0) and c.n_agree == c.n_runs):
+        return "no"
+    return "held" if p_adj == p_adj and p_adj < 0.05 else "ci only"
+
+
 def _group_markdown(key: tuple, h: dict) -> list[str]:
     group, concept, metric, layers, operator = key
     lines = [f"## {group}", "",
@@ -301,12 +309,16 @@ def _group_markdown(key: tuple, h: dict) -> list[str]:
         base = [(k, v) for k, v in comps.items() if k[0] == "base"]
         if base:
             (test, a, b), (c, p_adj) = base[0]
-            survives = (c.ci_low > 0 or c.ci_high < 0) and c.n_agree == c.n_runs
+            verdict = {
+                "held": "survives seed variance",
+                "ci only": "has a CI clear of 0 and every run agrees, but the paired t test "
+                           "over runs does not reject at 0.05: not established with this many runs",
+                "no": "does not survive seed variance",
+            }[_held(c, p_adj)]
             lines.append(
                 f"Base ({a:.3g}) minus the next checkpoint ({b:.3g}): {_f(c.diff)} [{_f(c.ci_low)}, {_f(c.ci_high)}], "
                 f"{c.n_agree}/{c.n_runs} runs agree in sign, paired t p_holm = {p_adj:.3g}: the "
-                f"{'drop' if c.diff > 0 else 'rise'} after the base checkpoint "
-                f"{'survives' if survives else 'does not survive'} seed variance."
+                f"{'drop' if c.diff > 0 else 'rise'} after the base checkpoint {verdict}."
             )
         lines.append("Critical windows (above both neighbours in every run, both CIs above 0): "
                      + (", ".join(f"{w:.3g}" for w in h["windows"]) if h["windows"] else "none") + ".")
@@ -352,18 +364,19 @@ def build_study_report(storage: Storage, study_id: str, n_resamples: int = 2000,
     if len(groups) > 1:
         drops = {k[0]: h["comparisons"].get(("base", h["fractions"][0], h["fractions"][1]))
                  for k, h in groups.items() if h.get("comparisons")}
-        drops = {g: c[0] for g, c in drops.items() if c}
+        drops = {g: c for g, c in drops.items() if c}
         if drops:
-            def word(c) -> str:
-                held = (c.ci_low > 0 or c.ci_high < 0) and c.n_agree == c.n_runs
-                return f"{'drop' if c.diff > 0 else 'rise'}{'' if held else ' (within seed variance)'}"
+            def word(c, p_adj) -> str:
+                tail = {"held": "", "ci only": " (CI clear of 0, paired t not significant)",
+                        "no": " (within seed variance)"}[_held(c, p_adj)]
+                return f"{'drop' if c.diff > 0 else 'rise'}{tail}"
 
-            falls = {g: c.diff > 0 for g, c in drops.items()}
+            falls = {g: c.diff > 0 for g, (c, _) in drops.items()}
             lines += ["## Across groups", "",
                       "Mean self-plasticity after the base checkpoint "
                       + ("falls in every group" if all(falls.values()) else
                          "rises in every group" if not any(falls.values()) else "falls in some groups only")
-                      + ": " + ", ".join(f"{g}: {word(c)}" for g, c in sorted(drops.items())) + ".", ""]
+                      + ": " + ", ".join(f"{g}: {word(c, p)}" for g, (c, p) in sorted(drops.items())) + ".", ""]
     lines += _run_rows(runs, storage)
     lines += ["", "## Figures", ""] + [f"- `{n}.png`: {rep.figure_uris[n]}" for n in rep.figures]
     lines += ["", "Tables: " + ", ".join(
