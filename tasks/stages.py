@@ -9,6 +9,7 @@ as Cached. Tasks retry with backoff only on storage and network faults.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -199,6 +200,27 @@ def _plasticity_run_name() -> str:
     return f"plasticity target step={p['target'].step} <- sources {sources}"
 
 
+# The loss table artefact (`finetune-loss-<run>`): these columns of the train-metrics
+# rows, the newest LOSS_TABLE_ROWS, republished at most every LOSS_TABLE_S while training.
+LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_seen", "step_time_s")
+LOSS_TABLE_S = 10.0
+LOSS_TABLE_ROWS = 500
+
+
+def _prefect_loss_table(run_id: str) -> Callable[[list[dict[str, Any]]], None]:
+    def publish(rows: list[dict[str, Any]]) -> None:
+        last = rows[-1]
+        create_table_artifact(
+            table=[{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+                   for r in rows],
+            key=artifact_key("finetune-loss", run_id),
+            description=f"Training loss of run {run_id}: step {last['step']}, loss "
+                        f"{last['loss']:.4f} (the newest {LOSS_TABLE_ROWS} steps at most)",
+        )
+
+    return publish
+
+
 class TrainProgress:
     """The fine-tuning progress artefact: percent of the steps, with the step count and
     an estimate of the time left in its description.
@@ -209,9 +231,17 @@ class TrainProgress:
     tasks.progress). A display that cannot be updated never fails the stage."""
 
     def __init__(self, storage: Storage, run_id: str, max_steps: int,
-                 sink: ProgressSink | None = None, clock: Callable[[], float] = time.monotonic):
+                 sink: ProgressSink | None = None, clock: Callable[[], float] = time.monotonic,
+                 loss_sink: Callable[[list[dict[str, Any]]], None] | None = None):
         self.storage, self.run_id, self.max_steps = storage, run_id, max_steps
         self.live = False  # rows have come from the actor
+        # The loss table artefact: the rows seen so far, published at most every
+        # LOSS_TABLE_S (a new version of one key) and once more at the end.
+        self.clock = clock
+        self.loss_rows: list[dict[str, Any]] = []
+        self._loss_sink = loss_sink or _prefect_loss_table(run_id)
+        self._loss_at: float | None = None
+        self._loss_shown = 0
         self.progress = Progress(
             sink or PrefectProgressSink(artifact_key("finetune-progress", run_id)),
             f"Fine-tuning of run {run_id}", max_steps, done=trained_steps(storage, run_id),
@@ -225,6 +255,20 @@ class TrainProgress:
     def rows(self, rows: list[dict[str, Any]]) -> None:
         self.live = True
         self.progress.advance(max(int(r["step"]) for r in rows), rows[-1].get("step_time_s"))
+        self.loss_rows += [{k: r.get(k) for k in LOSS_COLUMNS} for r in rows]
+
+    def publish_loss(self, force: bool = False) -> None:
+        """The loss table artefact, if it has new rows (and LOSS_TABLE_S has passed)."""
+        now = self.clock()
+        if len(self.loss_rows) == self._loss_shown:
+            return
+        if not force and self._loss_at is not None and now - self._loss_at < LOSS_TABLE_S:
+            return
+        self._loss_at, self._loss_shown = now, len(self.loss_rows)
+        try:
+            self._loss_sink(self.loss_rows[-LOSS_TABLE_ROWS:])
+        except Exception as exc:  # a display never fails the stage
+            logging.getLogger(__name__).debug("loss table not published: %s", exc)
 
     def describe(self) -> str:
         return self.progress.describe()
@@ -239,9 +283,11 @@ class TrainProgress:
             if step > self.step:
                 self.progress.advance(step)
         self.progress.tick()
+        self.publish_loss()
 
     def done(self) -> None:
         self.progress.finish()
+        self.publish_loss(force=True)
 
 
 # The stages whose units the flow counts in a progress artefact of their own: the

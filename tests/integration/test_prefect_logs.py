@@ -4,6 +4,7 @@ plasticity slopes under their own loggers, and a failed stage's cause and traceb
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -105,6 +106,13 @@ def test_actor_logs_reach_the_task_runs(prefect_server, tmp_path):
     ) as client:
         found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[f"{stage}-progress-{run_id}" for stage in expected])))}
+        # The loss table: its latest version holds every step's loss, in order.
+        loss = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"finetune-loss-{run_id}"])))
+    assert loss and loss[0].type == "table", loss
+    table = loss[0].data if isinstance(loss[0].data, list) else json.loads(loss[0].data)
+    assert [r["step"] for r in table] == list(range(1, STEPS + 1))
+    assert all(isinstance(r["loss"], float) for r in table)
     for stage, description in expected.items():
         progress = found[f"{stage}-progress-{run_id}"]
         assert progress.type == "progress"

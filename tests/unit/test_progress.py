@@ -210,3 +210,51 @@ def test_tasks_in_threads_report_to_one_artefact():
     assert p.units_done() == 8 and p.done == 8
     assert counts(sink.updates) == sorted(counts(sink.updates))
     stages.close_stage_progress("r2")
+
+
+def test_train_progress_publishes_the_loss_table_rate_limited(tmp_path):
+    import tasks.stages as stages
+    from plasticity.config import StorageConfig
+    from plasticity.storage import Storage
+
+    tables, clock = [], FakeClock(1000.0)
+    storage = Storage.from_config(StorageConfig(uri=f"file://{tmp_path}"))
+    p = stages.TrainProgress(storage, "r1", 30, sink=FakeSink(), clock=clock,
+                             loss_sink=lambda rows: tables.append(list(rows)))
+    p.tick()
+    assert tables == []  # no rows yet: nothing to show
+    p.rows([{"step": 1, "loss": 4.0, "lr": 1e-4, "grad_norm": 2.0, "tokens_seen": 128,
+             "step_time_s": 0.5, "epoch": 0, "optimizer": "adamw4bit"}])
+    p.tick()
+    assert tables == [[{"step": 1, "loss": 4.0, "lr": 1e-4, "grad_norm": 2.0,
+                        "tokens_seen": 128, "step_time_s": 0.5}]]
+    for step in range(2, 6):
+        clock.t += 1
+        p.rows([{"step": step, "loss": 4.0 - step / 10}])
+        p.tick()
+    assert len(tables) == 1  # within LOSS_TABLE_S of the first table
+    clock.t += stages.LOSS_TABLE_S
+    p.tick()
+    assert len(tables) == 2 and [r["step"] for r in tables[-1]] == [1, 2, 3, 4, 5]
+    assert tables[-1][-1]["loss"] == 3.5
+    clock.t += 1
+    p.rows([{"step": 6, "loss": 3.3}])
+    p.done()  # the last rows go out at the end, whatever the time
+    assert len(tables) == 3 and tables[-1][-1] == {**dict.fromkeys(stages.LOSS_COLUMNS),
+                                                   "step": 6, "loss": 3.3}
+    p.done()
+    assert len(tables) == 3  # nothing new: not sent again
+
+
+def test_a_failing_loss_table_never_fails_the_stage(tmp_path):
+    import tasks.stages as stages
+    from plasticity.config import StorageConfig
+    from plasticity.storage import Storage
+
+    def broken(rows):
+        raise RuntimeError("API down")
+
+    storage = Storage.from_config(StorageConfig(uri=f"file://{tmp_path}"))
+    p = stages.TrainProgress(storage, "r1", 3, sink=FakeSink(), clock=FakeClock(), loss_sink=broken)
+    p.rows([{"step": 1, "loss": 1.0}])
+    p.publish_loss(force=True)  # logged at debug level, not raised
