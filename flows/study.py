@@ -71,18 +71,17 @@ def run_task(config: dict[str, Any], run_id: str) -> dict:
 
 
 def _artifacts(study: Study, storage: Storage, report, statuses: dict) -> None:
-    import base64
-
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+    from plasticity.analysis.artifact_page import artifact_markdown, study_files
+
     key = "".join(ch if ch.isalnum() else "-" for ch in study.study_id.lower())
-    images = []
-    for name, path in report.figure_paths.items():
-        png = storage.read_bytes(path)
-        images.append(f"### {name.replace('_', ' ')}\n\n![{name}](data:image/png;base64,"
-                      f"{base64.b64encode(png).decode()})\n\n`{report.figure_uris[name]}`\n")
+    shards = storage.fs.glob(storage.path("tables", "*", f"study_id={study.study_id}", "*.parquet"))
     create_markdown_artifact(
-        markdown=report.markdown + ("\n## Figures\n\n" + "\n".join(images) if images else ""),
+        markdown=artifact_markdown(
+            storage, report.markdown, report.figure_paths,
+            study_files(storage, study.study_id, [r.run_id for r in study.runs]),
+            "study_id", study.study_id, shards, study.storage.browse_url),
         key=f"study-summary-{key}", description=f"Report of study {study.study_id}",
     )
     create_table_artifact(

@@ -478,7 +478,8 @@ def report_task(cfg: RunConfig, run_id: str) -> dict:
     }
     result = report_stage(cfg, run_id, committed)
     summary = result.summary
-    publish_report_artifacts(Storage.from_config(cfg.storage), run_id, summary)
+    publish_report_artifacts(Storage.from_config(cfg.storage), run_id, summary,
+                             manifest.committed_shards() + result.shards, cfg.storage.browse_url)
     out = {k: summary[k] for k in REPORT_KEYS}
     manifest.commit("report", "all", result.shards, **out)
     return out
@@ -487,18 +488,16 @@ def report_task(cfg: RunConfig, run_id: str) -> dict:
 REPORT_KEYS = ("png", "figures", "sources", "targets", "critical_windows")
 
 
-def publish_report_artifacts(storage: Storage, run_id: str, summary: dict) -> None:
-    """The summary with its figures inline, and the plasticity matrix as a table."""
-    import base64
+def publish_report_artifacts(storage: Storage, run_id: str, summary: dict, shards: list[str],
+                             browse_url: str | None = None) -> None:
+    """The summary with its figures inline and where its files and tables are, and the
+    plasticity matrix as a table."""
+    from plasticity.analysis.artifact_page import artifact_markdown, run_files
 
     key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())
-    images = []
-    for name, uri in summary["figures"].items():
-        png = storage.read_bytes(summary["figure_paths"][name])
-        images.append(f"### {name.replace('_', ' ')}\n\n![{name}](data:image/png;base64,"
-                      f"{base64.b64encode(png).decode()})\n\n`{uri}`\n")
     create_markdown_artifact(
-        markdown=summary["markdown"] + "\n## Figures\n\n" + "\n".join(images),
+        markdown=artifact_markdown(storage, summary["markdown"], summary["figure_paths"],
+                                   run_files(storage, run_id), "run_id", run_id, shards, browse_url),
         key=f"plasticity-summary-{key}",
         description=f"Plasticity report of run {run_id}",
     )

@@ -25,6 +25,7 @@ from plasticity.config_fields import (
     _non_negative,
     _non_negative_items,
     _positive,
+    _web_address,
     build,
     option,
 )
@@ -294,6 +295,14 @@ class StorageConfig:
     )
     endpoint_url: str | None = option(None, "S3-compatible endpoint (MinIO, a local S3 server).")
     region: str | None = option(None, "S3 region.")
+    browse_url: str | None = option(
+        None,
+        "A web address that shows the storage root (an S3 or MinIO console, a file server); "
+        "the run's summary artefact links every file and table to this address followed by "
+        "its path under the root. None: the artefact names their storage URIs (a browser "
+        "opens no file:// or s3:// link from the Prefect UI).",
+        _web_address,
+    )
     lock_stale_s: float = option(
         600.0,
         "A run's lock whose heartbeat is older than this many seconds is stale (its "

@@ -62,6 +62,12 @@ def _non_empty(v: Any) -> str | None:
     return None if v else "expected a non-empty value"
 
 
+def _web_address(v: Any) -> str | None:
+    if v is None or (isinstance(v, str) and re.match(r"^https?://[^/\s]+", v)):
+        return None
+    return f"expected an http:// or https:// address, got {v!r}"
+
+
 def _non_negative_items(v: Any) -> str | None:
     if v is None:
         return None

@@ -101,6 +101,14 @@ def test_deploy_run_the_smoke_deployment_and_read_its_artefacts(prefect_server, 
             assert {r["layer"] for r in detection} == set(range(4))
             assert all(0.0 <= r[f"step_{s}"] <= 1.0 for r in detection for s in FAST_STEPS)
             assert by_key[keys["plasticity-summary"]].type == "markdown"
+            # The summary: its figures inline, and where its files and tables are.
+            page = by_key[keys["plasticity-summary"]].data
+            assert page.count("](data:image/png;base64,") >= 5
+            for rel in ("report/summary.md", "report/plasticity_matrix.csv", "manifest.json"):
+                assert f"`file://{store}/runs/{run_id}/{rel}`" in page, rel
+            for table in ("plasticity", "activations", "train_metrics", "vocab_topk"):
+                n = len(list((store / "tables" / table / f"run_id={run_id}").rglob("*.parquet")))
+                assert n and f"| `{table}` | {n} | `file://{store}/tables/{table}/run_id={run_id}/` |" in page
             assert manifest["status"] == "done"
             assert not (store / "runs" / run_id / "lock.json").exists()
     finally:

@@ -165,3 +165,12 @@ def test_layer_sets_are_one_list_or_a_list_of_lists():
     cfg = config_from_dict({"concept": {"layers": [1, 2]}, "plasticity": {"layers": [[1], [2, 7]]}})
     errors = preflight(cfg)
     assert any("plasticity.layers: layers [7] are outside the model's 0..3" in e for e in errors)
+
+
+def test_browse_url_must_be_a_web_address():
+    assert config_from_dict({"storage": {"browse_url": "https://minio.lab:9001/browser/runs/"}}
+                            ).storage.browse_url == "https://minio.lab:9001/browser/runs/"
+    assert config_from_dict({}).storage.browse_url is None
+    for bad in ("s3://bucket/runs", "file:///data/runs", "minio:9001"):
+        with pytest.raises(ConfigError, match=r"storage\.browse_url: expected an http:// or https:// address"):
+            config_from_dict({"storage": {"browse_url": bad}})

@@ -493,3 +493,47 @@ def test_analysis_api_and_duckdb_read_the_plasticity_tables(run):
             " WHERE run_id = 't1'"
         ).fetchall()[0][0]
         assert n == load(table, cfg.storage.uri, ["t1"]).num_rows > 0, table
+
+
+@pytest.mark.parametrize("browse_url", [None, "http://127.0.0.1:8000/"])
+def test_the_summary_artefact_embeds_the_figures_and_names_every_file_and_table(run, browse_url):
+    import base64
+    import re
+
+    from plasticity.analysis.artifact_page import artifact_markdown, run_files
+
+    cfg, refs, _ = run
+    stages.similarity_stage(cfg, "t1")
+    result = stages.report_stage(cfg, "t1")
+    storage = Storage.from_config(cfg.storage)
+    shards = storage.fs.glob(storage.path("tables", "*", "run_id=t1", "**", "*.parquet"))
+    md = artifact_markdown(storage, result.summary["markdown"], result.summary["figure_paths"],
+                           run_files(storage, "t1"), "run_id", "t1", shards, browse_url)
+    assert md.startswith(result.summary["markdown"].split("\n## Figures\n")[0])
+    assert md.count("## Figures") == 1 and "- `plasticity_matrix.png`" not in md
+    # Each figure inline, as the very PNG stored.
+    images = dict(re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md))
+    assert set(images) == set(result.summary["figure_paths"]) and len(images) >= 5
+    for name, data in images.items():
+        assert base64.b64decode(data) == storage.read_bytes(result.summary["figure_paths"][name])
+    section = md[md.index("## In storage"):]
+    if browse_url is None:
+        where = re.findall(r"`(file://[^`]+)`", section)
+        assert not re.search(r"\]\(", section)
+        paths = [w[len("file://"):] for w in where]
+    else:
+        links = re.findall(r"\[([^\]]+)\]\(([^)]+)\)", section)
+        assert all(url == browse_url + text for text, url in links)
+        paths = [storage.path(text) for text, _ in links]
+    # Every file and folder named exists; every table with this run's rows is listed
+    # with its shard count.
+    assert len(paths) >= 4 + len(images) + 5
+    for p in paths:
+        assert storage.exists(p.rstrip("/")), p
+    counts = dict(re.findall(r"\| `(\w+)` \| (\d+) \|", section))
+    on_disk = {}
+    for p in shards:
+        table = p.split("/tables/")[1].split("/")[0]
+        on_disk[table] = on_disk.get(table, 0) + 1
+    assert {t: int(n) for t, n in counts.items()} == on_disk
+    assert {"plasticity", "activations", "train_metrics", "directions", "plasticity_stats"} <= set(on_disk)

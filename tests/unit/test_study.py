@@ -262,6 +262,21 @@ def test_study_report_lines_up_fractions_and_finds_a_shared_drop(tmp_path):
     assert set(rep.figures) == {"self_plasticity", "plasticity_matrix"}
     assert storage.exists(storage.path("studies", "s", "report", "summary.md"))
 
+    # Its artefact: the figures inline, the report and the study tables in storage.
+    from plasticity.analysis.artifact_page import artifact_markdown, study_files
+
+    shards = storage.fs.glob(storage.path("tables", "*", "study_id=s", "*.parquet"))
+    run_ids = [f"s-{g}-s{i}" for g in "ab" for i in range(3)]
+    page = artifact_markdown(storage, rep.markdown, rep.figure_paths, study_files(storage, "s", run_ids),
+                             "study_id", "s", shards, "https://minio.lab/browser/runs/")
+    assert page.count("](data:image/png;base64,") == 2 and page.count("## Figures") == 1
+    assert "Tables: " not in page  # the summary's closing lines give way to the section
+    assert "| this report (Markdown) | [studies/s/report/summary.md](https://minio.lab/browser/runs/studies/s/report/summary.md) |" in page
+    for table in ("study_runs", "study_plasticity", "study_stats"):
+        assert (f"| `{table}` | 1 | [tables/{table}/study_id=s/]"
+                f"(https://minio.lab/browser/runs/tables/{table}/study_id=s/) |") in page
+    assert "filters={'study_id': 's'}" in page
+
 
 def test_a_drop_is_called_held_only_with_its_ci_every_run_and_the_paired_test():
     from types import SimpleNamespace
