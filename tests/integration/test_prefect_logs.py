@@ -139,3 +139,59 @@ def test_a_failed_stage_leaves_its_cause_and_traceback_in_its_task_run(prefect_s
         f"finetune failed: ValueError: {broken}:1: not a JSON line")
     assert "Traceback (most recent call last)" in failure.message
     assert "in load_corpus" in failure.message  # where it was raised, inside the actor
+
+
+def test_logs_and_progress_reach_the_api_while_the_stage_runs(prefect_server, tmp_path):
+    """Watched as a user watches it: the fine-tuning task run's loss lines and its
+    progress artefact, read from the API every half second while the run trains."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    run_id, steps = "watched", 80
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plasticity.cli", "run", "--config", SMOKE, "--storage",
+         f"file://{tmp_path / 'store'}", "--run-id", run_id, *FAST, "--set", f"train.max_steps={steps}",
+         "--set", f"train.snapshot_steps=[0,{steps}]"],
+        cwd=ROOT, env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[tuple[str, int, str]] = []  # (finetune task state, loss lines, progress description)
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), get_client(
+        sync_client=True
+    ) as client:
+        deadline = time.time() + 420
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name={"any_": [f"timeline {run_id}"]}))
+            if not runs:
+                continue
+            task = next((t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [runs[0].id]}))
+                         if t.name.startswith("finetune")), None)
+            if task is None or task.state is None:
+                continue
+            logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task.id])),
+                                    limit=200)
+            progress = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"finetune-progress-{run_id}"])))
+            seen.append((task.state.type.value, sum(bool(re.match(r"step \d+/\d+ loss ", lg.message)) for lg in logs),
+                         progress[0].description if progress else ""))
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-4000:]
+    running = [s for s in seen if s[0] == "RUNNING"]
+    # The loss lines came in while fine-tuning ran, in more than one batch, not all at its end.
+    partial = sorted({n for _, n, _ in running if 0 < n < steps})
+    assert len(partial) >= 2, seen
+    # The progress artefact moved more than once before training was done.
+    moving = {d for _, _, d in running if re.search(rf"step (\d+)/{steps}", d)
+              and int(re.search(rf"step (\d+)/{steps}", d).group(1)) < steps}
+    assert len(moving) >= 2, seen
+    print(f"while running: loss lines {partial}, progress {sorted(moving)}")
