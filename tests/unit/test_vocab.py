@@ -346,6 +346,39 @@ def test_spearman_against_scipy():
         assert float(rho[j]) == pytest.approx(spearmanr(x[:, j], y[:, j]).statistic, abs=1e-10)
 
 
+def test_average_ranks_equal_scipy_with_and_without_ties():
+    from scipy.stats import rankdata
+
+    from plasticity.vocab.scores import average_ranks
+
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(1000, 5, generator=g)
+    s[:40, 1] = 0.5  # one long tie
+    s[::7, 3] = s[::7, 3].round()  # many short ties
+    s[:, 4] = torch.randint(0, 6, (1000,), generator=g).float()  # ties everywhere
+    r = average_ranks(s)
+    assert r.dtype == torch.float32
+    for j in range(5):
+        torch.testing.assert_close(r[:, j].double(), torch.from_numpy(rankdata(s[:, j].numpy())),
+                                   rtol=0, atol=0)
+
+
+def test_centred_gram_equals_the_float64_product_of_the_centred_matrices():
+    from plasticity.vocab.scores import CentredGrams, centred_gram
+
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(1001, 6, generator=g) + 3.0, torch.randn(1001, 4, generator=g) - 1.0
+    xd, yd = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    for chunk in (7, 1000, 5000):  # blocks that do and do not divide the rows
+        torch.testing.assert_close(centred_gram(x, y, chunk), xd.t() @ yd, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(centred_gram(x, x, chunk), xd.t() @ xd, rtol=1e-12, atol=1e-9)
+    grams = CentredGrams()
+    assert grams(x, y) is grams(x, y)
+    torch.testing.assert_close(grams(y, x), (xd.t() @ yd).t(), rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="the same rows"):
+        centred_gram(x, y[:10])
+
+
 def test_circuit_cosine_equals_the_materialised_matrices():
     g = torch.Generator().manual_seed(6)
     e1, e2 = torch.randn(150, 12, generator=g), torch.randn(150, 12, generator=g)

@@ -217,3 +217,14 @@ def test_vocab_config_is_validated():
         config_from_dict({"vocab": {"variants": ["raw", "raw"]}})
     with pytest.raises(ConfigError, match="vocab.circuit_screen"):
         config_from_dict({"vocab": {"circuit_screen": "int4"}})
+
+
+def test_a_tied_embedding_is_held_once_across_checkpoints(run):
+    from plasticity.stages.vocab import _load_checkpoint_vocab
+    cfg, refs, _, _ = run
+    storage = Storage.from_config(cfg.storage)
+    ck = _load_checkpoint_vocab(cfg, storage, "v1", refs[-1])
+    assert ck.e_in is ck.e_out  # tiny-gpt2 ties them: one copy, not two
+    lm = _model(cfg, refs[-1])
+    torch.testing.assert_close(ck.e_out, lm.model.get_input_embeddings().weight.detach().float(),
+                               rtol=0, atol=0)

@@ -52,7 +52,7 @@ from plasticity.vocab.readings import (
     middle_factors,
     weight_vectors,
 )
-from plasticity.vocab.scores import RankedScores, align_layers, null_percentile
+from plasticity.vocab.scores import CentredGrams, RankedScores, align_layers, null_percentile
 from plasticity.vocab.topk import product_topk
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,14 @@ def _load_checkpoint_vocab(cfg: RunConfig, storage: Storage, run_id: str, ref: C
     stored = read_vector_file(storage.read_bytes(path))
     tensors, meta = dict(stored.tensors), stored.metadata
     lm = load_checkpoint(storage, ref.path, cfg.model)
-    e_in, e_out, _ = W.embeddings(lm)
+    e_in, e_out, tied = W.embeddings(lm)
     norm = W.FinalNorm(gain=tensors["norm_gain"], centre=json.loads(meta["centre"]))
     keys = {tuple(k): i for i, k in enumerate(json.loads(meta["keys"]))}
-    out = CheckpointVocab(ref.step, e_in.float().clone(), e_out.float().clone(), norm, keys,
-                      tensors.pop("vectors"), tensors)
+    # Tied embeddings (one tensor in and out) are kept once: over a large vocabulary each
+    # copy is the bulk of what a checkpoint holds here.
+    e_in = e_in.float().clone()
+    out = CheckpointVocab(ref.step, e_in, e_in if tied else e_out.float().clone(), norm, keys,
+                          tensors.pop("vectors"), tensors)
     del lm
     return out
 
@@ -278,7 +281,7 @@ def vocab_similarity_stage(cfg: RunConfig, run_id: str) -> StageResult:
         variants.append("raw_in")
     sim, align = Rows("vocab_similarity"), Rows("vocab_alignment")
     k = min(cfg.vocab.top_k, cks[0].e_out.shape[0])
-    projections, grams = Projections(k), Grams()
+    projections, grams, centred = Projections(k), Grams(), CentredGrams()
     for i, a in enumerate(cks):
         for b in cks[i + 1 :]:
             drift_rows(a, b, variants, k, sim, projections)
@@ -288,7 +291,7 @@ def vocab_similarity_stage(cfg: RunConfig, run_id: str) -> StageResult:
                 vb = {int(n.split(".")[2]): t for n, t in b.tensors.items() if n.startswith(f"align.{obj}.")}
                 if not va or not vb:
                     continue
-                al = align_layers(va, vb, a.e_out, b.e_out)
+                al = align_layers(va, vb, a.e_out, b.e_out, centred)
                 for x, la in enumerate(al.layers_x):
                     for y, lb in enumerate(al.layers_y):
                         align.add(object=obj, step_a=a.step, step_b=b.step, layer_a=la, layer_b=lb,
