@@ -49,7 +49,7 @@ def layer_sets(layers: list[int] | list[list[int]] | None) -> list[list[int]] | 
 class ModelConfig:
     source: str = option(
         "tiny-gpt2",
-        "An offline preset (tiny-gpt2, tiny-biogpt, tiny-llama, tiny-gpt-neox, smollm2-135m), "
+        "An offline preset (tiny-gpt2, tiny-biogpt, tiny-llama, tiny-gpt-neox, smollm2-135m, gemma3-270m), "
         "a local model folder, or a hub id (needs network or a filled HF cache).",
         _non_empty,
     )
