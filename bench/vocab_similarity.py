@@ -34,27 +34,21 @@ def _before_ranks(s):
     return (lo + hi).float() / 2
 
 
-def _before_align(vectors_x, vectors_y, e_x, e_y):
-    """plasticity.vocab.scores.align_layers as it was: float64 copies, three Grams a call."""
-    import torch
-    from scipy.optimize import linear_sum_assignment
+class _BeforeGrams:
+    """The three Gram matrices of one `align_layers` call as it computed them before:
+    from centred float64 copies of both embeddings, made anew for every call (pass a
+    fresh one to each call)."""
 
-    from plasticity.vocab.scores import matched_correlation
+    def __init__(self) -> None:
+        self._grams: dict[tuple[int, int], object] = {}
 
-    lx, ly = sorted(vectors_x), sorted(vectors_y)
-    ex, ey = e_x.double(), e_y.double()
-    ex, ey = ex - ex.mean(0), ey - ey.mean(0)
-    c_xy, c_xx, c_yy = ex.t() @ ey, ex.t() @ ex, ey.t() @ ey
-    norm_x = {i: ((vectors_x[i].double() @ c_xx) * vectors_x[i].double()).sum(1).sqrt() for i in lx}
-    norm_y = {j: ((vectors_y[j].double() @ c_yy) * vectors_y[j].double()).sum(1).sqrt() for j in ly}
-    proj_x = {i: vectors_x[i].double() @ c_xy for i in lx}
-    score = torch.empty(len(lx), len(ly), dtype=torch.float64)
-    for a, i in enumerate(lx):
-        for b, j in enumerate(ly):
-            corr = (proj_x[i] @ vectors_y[j].double().t()) / (norm_x[i].unsqueeze(1) * norm_y[j].unsqueeze(0))
-            score[a, b] = matched_correlation(corr)[0]
-    linear_sum_assignment(score.numpy(), maximize=True)
-    return score
+    def __call__(self, x, y):
+        if not self._grams:  # align_layers asks for (x, y) first, then (x, x) and (y, y)
+            ex, ey = x.double(), y.double()
+            ex, ey = ex - ex.mean(0), ey - ey.mean(0)
+            self._grams = {(id(x), id(y)): ex.t() @ ey, (id(x), id(x)): ex.t() @ ex,
+                           (id(y), id(y)): ey.t() @ ey}
+        return self._grams[(id(x), id(y))]
 
 
 def _work(path: str, checkpoints: int) -> dict:
@@ -85,10 +79,8 @@ def _work(path: str, checkpoints: int) -> dict:
     for i, a in enumerate(cks):
         for b in cks[i + 1:]:
             for obj in range(2):
-                if path == "before":
-                    scores.append(float(_before_align(a[3][obj], b[3][obj], a[1], b[1]).sum()))
-                else:
-                    scores.append(float(align_layers(a[3][obj], b[3][obj], a[1], b[1], centred).score.sum()))
+                grams = _BeforeGrams() if path == "before" else centred
+                scores.append(float(align_layers(a[3][obj], b[3][obj], a[1], b[1], grams).score.sum()))
     return {"seconds": time.perf_counter() - t0,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "score": sum(scores), "rank_sum": rank_sum}
