@@ -73,9 +73,9 @@ def run_task(config: dict[str, Any], run_id: str) -> dict:
 def _artifacts(study: Study, storage: Storage, report, statuses: dict) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from plasticity.analysis.artifact_page import artifact_markdown, study_files
+    from plasticity.analysis.artifact_page import artifact_key, artifact_markdown, study_files
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in study.study_id.lower())
+    key = artifact_key(study.study_id)
     shards = storage.fs.glob(storage.path("tables", "*", f"study_id={study.study_id}", "*.parquet"))
     create_markdown_artifact(
         markdown=artifact_markdown(

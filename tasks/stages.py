@@ -492,9 +492,9 @@ def publish_report_artifacts(storage: Storage, run_id: str, summary: dict, shard
                              browse_url: str | None = None) -> None:
     """The summary with its figures inline and where its files and tables are, and the
     plasticity matrix as a table."""
-    from plasticity.analysis.artifact_page import artifact_markdown, run_files
+    from plasticity.analysis.artifact_page import artifact_key, artifact_markdown, run_files
 
-    key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())
+    key = artifact_key(run_id)
     create_markdown_artifact(
         markdown=artifact_markdown(storage, summary["markdown"], summary["figure_paths"],
                                    run_files(storage, run_id), "run_id", run_id, shards, browse_url),

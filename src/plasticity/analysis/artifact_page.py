@@ -20,6 +20,12 @@ from plasticity.storage.fs import Storage
 FIGURES_HEADING = "## Figures"
 
 
+def artifact_key(name: str) -> str:
+    """A run or study id as part of a Prefect artefact key (lower-case letters, digits
+    and dashes only)."""
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+
+
 def _relative(storage: Storage, path: str) -> str:
     root = storage.root.rstrip("/")
     if path != root and not path.startswith(root + "/"):
